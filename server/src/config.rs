@@ -1,0 +1,255 @@
+//! Command line, environment and config file, merged into one [`Config`].
+//!
+//! Precedence: flag > environment variable > config file > default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::admins::Role;
+
+/// Default data dir, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./mdm-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_OWNER_EMAIL: &str = "owner@localhost";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mdm-server",
+    version,
+    about = "MDM control server: sites, company passcodes, enrollment, remote passcode reset and lock over gRPC with mutual TLS."
+)]
+pub struct Cli {
+    /// Where the server keeps its database, CA and credentials.
+    #[arg(long, global = true, env = "MDM_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (creates the data dir, CA and an owner credential on first start).
+    Serve(ServeArgs),
+    /// Manage admin credentials; works whether or not the server is running.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; its keys are the long flag names with '_' for '-'.
+    #[arg(long, env = "MDM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7443].
+    #[arg(long, env = "MDM_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Extra DNS name or IP address for the server certificate (repeatable).
+    #[arg(
+        long = "san",
+        env = "MDM_SAN",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub sans: Vec<String>,
+    /// Log format [default: human].
+    #[arg(long, env = "MDM_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Email of the owner credential created on first start [default: owner@localhost].
+    #[arg(long, env = "MDM_OWNER_EMAIL", value_name = "EMAIL")]
+    pub owner_email: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Issue an admin credential (ca.crt, admin.crt, admin.key) into --out.
+    Add {
+        /// The admin's email; it is their identity in the action log.
+        #[arg(long)]
+        email: String,
+        /// owner (all sites) or site-admin (the --site ones).
+        #[arg(long)]
+        role: Role,
+        /// A site the site-admin manages (repeatable).
+        #[arg(long = "site", value_name = "SITE_ID")]
+        sites: Vec<String>,
+        /// Directory to write the credential into (created, mode 0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+    /// List admin credentials.
+    List,
+    /// Revoke every credential of an admin; refused from the next call on.
+    Revoke {
+        #[arg(long)]
+        email: String,
+    },
+}
+
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Role::Owner, Role::SiteAdmin]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// The `serve` settings after merging every source.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub sans: Vec<String>,
+    pub log_format: LogFormat,
+    pub owner_email: String,
+    /// How long in-flight calls may run after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// Settings for tests and embedders: everything default but the data dir.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            sans: Vec::new(),
+            log_format: LogFormat::Human,
+            owner_email: DEFAULT_OWNER_EMAIL.to_owned(),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Keys of the TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    san: Option<Vec<String>>,
+    log_format: Option<LogFormat>,
+    owner_email: Option<String>,
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let message = e.message().replace('\n', " ");
+        ConfigError(format!("config file {}: {message}", path.display()))
+    })
+}
+
+/// Merges flags/env (already in `args`), the config file and defaults.
+pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    let listen = match (args.listen, file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text.parse().map_err(|_| {
+            ConfigError(format!(
+                "config file: listen = {text:?} is not an address like 127.0.0.1:7443"
+            ))
+        })?,
+        (None, None) => DEFAULT_LISTEN.parse().expect("valid default address"),
+    };
+    let sans = if args.sans.is_empty() {
+        file.san.unwrap_or_default()
+    } else {
+        args.sans.clone()
+    };
+    for san in &sans {
+        validate_san(san)?;
+    }
+    let owner_email = args
+        .owner_email
+        .clone()
+        .or(file.owner_email)
+        .unwrap_or_else(|| DEFAULT_OWNER_EMAIL.to_owned());
+    validate_email(&owner_email)
+        .map_err(|reason| ConfigError(format!("owner email {owner_email:?}: {reason}")))?;
+    let data_dir = data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if data_dir.as_os_str().is_empty() {
+        return Err(ConfigError("--data-dir must not be empty".into()));
+    }
+    Ok(Config {
+        data_dir,
+        listen,
+        sans,
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Human),
+        owner_email: owner_email.to_ascii_lowercase(),
+        drain_timeout: Duration::from_secs(10),
+    })
+}
+
+fn validate_san(san: &str) -> Result<(), ConfigError> {
+    let ok = san.parse::<std::net::IpAddr>().is_ok()
+        || (!san.is_empty()
+            && san.len() <= 253
+            && san.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "--san {san:?} is neither a DNS name nor an IP address"
+        )))
+    }
+}
+
+/// A pragmatic email check: one '@', non-empty local part, a domain of
+/// dot-separated labels, no spaces or control characters.
+pub fn validate_email(email: &str) -> Result<(), &'static str> {
+    if email.len() > 254 {
+        return Err("is longer than 254 characters");
+    }
+    let (local, domain) = email.split_once('@').ok_or("has no '@'")?;
+    if local.is_empty() || local.len() > 64 {
+        return Err("has an empty or too long local part");
+    }
+    if domain.contains('@') {
+        return Err("has more than one '@'");
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains spaces or control characters");
+    }
+    if domain.is_empty()
+        || domain.split('.').any(|label| {
+            label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+    {
+        return Err("has an invalid domain");
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Who is calling: extracted once per call from the verified client
+//! certificate and handed to the services as a typed extension.
+//!
+//! rustls has already checked at the handshake that the certificate chains to
+//! our CA and is within its validity. Here we check what can change while a
+//! connection stays open: expiry and revocation (the admin registry for
+//! admins), so a revoked admin is refused on the very next call.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::admins::{AdminRegistry, Role};
+use crate::pki::{ADMIN_OU, DEVICE_OU, DEVICE_URI_PREFIX};
+
+/// An authenticated administrator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminIdentity {
+    pub email: String,
+    pub role: Role,
+    pub sites: Vec<String>,
+}
+
+impl AdminIdentity {
+    pub fn is_owner(&self) -> bool {
+        self.role == Role::Owner
+    }
+
+    pub fn may_manage_site(&self, site_id: &str) -> bool {
+        self.is_owner() || self.sites.iter().any(|s| s == site_id)
+    }
+}
+
+/// An authenticated device, identified by the id in its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub device_id: String,
+    pub serial: String,
+}
+
+/// The parts of a client certificate identity checks need.
+#[derive(Debug)]
+struct ClientCert {
+    serial_hex: String,
+    unit: Option<String>,
+    email: Option<String>,
+    device_id: Option<String>,
+    not_after: i64,
+}
+
+fn parse_client_cert<T>(request: &Request<T>) -> Result<ClientCert, Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("this service needs a client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("this service needs a client certificate"))?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|_| Status::unauthenticated("the client certificate cannot be parsed"))?;
+    let unit = cert
+        .subject()
+        .iter_organizational_unit()
+        .next()
+        .and_then(|ou| ou.as_str().ok())
+        .map(str::to_owned);
+    let mut email = None;
+    let mut device_id = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::RFC822Name(e) => email = Some(e.to_ascii_lowercase()),
+                GeneralName::URI(uri) => {
+                    device_id = uri.strip_prefix(DEVICE_URI_PREFIX).map(str::to_owned)
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(ClientCert {
+        serial_hex: hex::encode(cert.raw_serial()),
+        unit,
+        email,
+        device_id,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Authenticates admin calls against the admin registry.
+#[derive(Debug, Clone)]
+pub struct AdminAuthenticator {
+    registry: Arc<AdminRegistry>,
+}
+
+impl AdminAuthenticator {
+    pub fn new(registry: Arc<AdminRegistry>) -> Self {
+        Self { registry }
+    }
+
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<AdminIdentity, Status> {
+        let cert = parse_client_cert(request)?;
+        if cert.unit.as_deref() != Some(ADMIN_OU) {
+            return Err(Status::unauthenticated(
+                "this service needs an admin certificate",
+            ));
+        }
+        if cert.not_after < now_unix() {
+            return Err(Status::unauthenticated("the admin certificate has expired"));
+        }
+        let record = self
+            .registry
+            .find_by_serial(&cert.serial_hex)
+            .map_err(|e| {
+                tracing::error!(error = %e, "admin registry unreadable");
+                Status::unavailable("the admin registry cannot be read; see the server log")
+            })?
+            .ok_or_else(|| Status::unauthenticated("unknown admin certificate"))?;
+        if record.revoked_at.is_some() {
+            return Err(Status::unauthenticated("the admin certificate is revoked"));
+        }
+        if cert.email.as_deref() != Some(record.email.as_str()) {
+            return Err(Status::unauthenticated(
+                "the admin certificate does not match its record",
+            ));
+        }
+        Ok(AdminIdentity {
+            email: record.email,
+            role: record.role,
+            sites: record.sites,
+        })
+    }
+
+    /// A tonic interceptor that rejects unauthenticated calls and attaches
+    /// the [`AdminIdentity`] to the request.
+    pub fn interceptor(self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+        move |mut request: Request<()>| {
+            let identity = self.authenticate(&request)?;
+            request.extensions_mut().insert(identity);
+            Ok(request)
+        }
+    }
+}
+
+/// `(device_id, serial_hex)` -> whether that certificate may no longer be used.
+type RevocationCheck = dyn Fn(&str, &str) -> Result<bool, Status> + Send + Sync;
+
+/// Checks device certificates; revocation is looked up by `is_revoked`.
+#[derive(Clone)]
+pub struct DeviceAuthenticator {
+    is_revoked: Arc<RevocationCheck>,
+}
+
+impl std::fmt::Debug for DeviceAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceAuthenticator")
+    }
+}
+
+impl DeviceAuthenticator {
+    /// `is_revoked(device_id, serial_hex)` says whether that certificate may no longer be used.
+    pub fn new(
+        is_revoked: impl Fn(&str, &str) -> Result<bool, Status> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            is_revoked: Arc::new(is_revoked),
+        }
+    }
+
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<DeviceIdentity, Status> {
+        let cert = parse_client_cert(request)?;
+        let device_id = match (cert.unit.as_deref(), cert.device_id) {
+            (Some(DEVICE_OU), Some(id)) => id,
+            _ => {
+                return Err(Status::unauthenticated(
+                    "this service needs a device certificate",
+                ));
+            }
+        };
+        if cert.not_after < now_unix() {
+            return Err(Status::unauthenticated(
+                "the device certificate has expired; enroll again",
+            ));
+        }
+        if (self.is_revoked)(&device_id, &cert.serial_hex)? {
+            return Err(Status::unauthenticated(
+                "the device certificate is revoked; enroll again",
+            ));
+        }
+        Ok(DeviceIdentity {
+            device_id,
+            serial: cert.serial_hex,
+        })
+    }
+
+    pub fn interceptor(self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+        move |mut request: Request<()>| {
+            let identity = self.authenticate(&request)?;
+            request.extensions_mut().insert(identity);
+            Ok(request)
+        }
+    }
+}
+
+/// The identity an interceptor attached; its absence is a wiring bug, reported as such.
+pub fn admin<T>(request: &Request<T>) -> Result<AdminIdentity, Status> {
+    request
+        .extensions()
+        .get::<AdminIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("this service needs an admin certificate"))
+}
+
+pub fn device<T>(request: &Request<T>) -> Result<DeviceIdentity, Status> {
+    request
+        .extensions()
+        .get::<DeviceIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("this service needs a device certificate"))
+}

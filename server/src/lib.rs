@@ -1,0 +1,20 @@
+//! The MDM control server as a library: `main` only parses the command line
+//! and calls in here; tests call [`run`] on `127.0.0.1:0`.
+#![forbid(unsafe_code)]
+
+pub mod admin_cli;
+pub mod admins;
+pub mod api;
+pub mod config;
+pub mod crypto;
+pub mod datadir;
+pub mod error;
+pub mod fsutil;
+pub mod identity;
+pub mod pki;
+pub mod server;
+pub mod storage;
+pub mod tls;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,214 @@
+//! Assembles the server: data dir, storage, TLS, identity, services,
+//! reflection and health; serves until the shutdown future resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use mdm_proto::v1::{
+    action_log_service_server::ActionLogServiceServer, agent_service_server::AgentServiceServer,
+    device_service_server::DeviceServiceServer, enrollment_service_server::EnrollmentServiceServer,
+    site_service_server::SiteServiceServer, user_service_server::UserServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::api;
+use crate::config::Config;
+use crate::datadir::{self, DataDir, DataDirError, FirstStart};
+use crate::identity::{AdminAuthenticator, DeviceAuthenticator};
+use crate::storage::Storage;
+use crate::tls;
+
+/// Largest request message the server decodes; bigger ones are refused
+/// before they are buffered whole.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot read the listener address: {0}")]
+    Listener(std::io::Error),
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot set up reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Creates the data dir on first start; on later starts checks it is ours.
+/// Returns what a first start created, so the caller can tell the admin.
+pub fn prepare_data_dir(config: &Config) -> Result<Option<FirstStart>, DataDirError> {
+    let dir = DataDir::new(&config.data_dir);
+    if dir.is_fresh()? {
+        let created = datadir::initialize(&config.data_dir, &config.owner_email)?;
+        return Ok(Some(created));
+    }
+    dir.check_layout()?;
+    Ok(None)
+}
+
+/// DNS names and addresses the server certificate covers.
+pub fn server_names(config: &Config) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    if let Some(host) = gethostname::gethostname().to_str()
+        && !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+    {
+        names.push(host.to_ascii_lowercase());
+    }
+    let ip = config.listen.ip();
+    if !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    names.extend(config.sans.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then stops
+/// accepting, lets in-flight calls finish (up to the drain timeout) and
+/// flushes storage.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    prepare_data_dir(&config)?;
+    let dir = DataDir::new(&config.data_dir);
+    let storage = Storage::open(&dir.db())?;
+    let ca = dir.load_ca()?;
+    let (server_chain, server_key) = dir.server_identity(&ca, &server_names(&config))?;
+    let acceptor = tls::acceptor(ca.cert_pem(), &server_chain, &server_key)?;
+    drop(server_key);
+
+    let registry = Arc::new(dir.registry());
+    let admin_auth = AdminAuthenticator::new(registry);
+    // No device is enrolled before the enrollment issue lands, so every
+    // device certificate is treated as unknown.
+    let device_auth = DeviceAuthenticator::new(|_, _| Ok(true));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mdm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mdm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let admin = admin_auth.interceptor();
+    let site = InterceptedService::new(
+        SiteServiceServer::new(api::SiteApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        admin.clone(),
+    );
+    let user = InterceptedService::new(
+        UserServiceServer::new(api::UserApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        admin.clone(),
+    );
+    let device = InterceptedService::new(
+        DeviceServiceServer::new(api::DeviceApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        admin.clone(),
+    );
+    let action_log = InterceptedService::new(
+        ActionLogServiceServer::new(api::ActionLogApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        admin,
+    );
+    let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = InterceptedService::new(
+        AgentServiceServer::new(api::AgentApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        device_auth.interceptor(),
+    );
+
+    let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = mpsc::channel(256);
+    let accept = tokio::spawn(tls::accept_loop(
+        listener,
+        acceptor,
+        ready_tx,
+        stop_rx.clone(),
+    ));
+    let incoming = ReceiverStream::new(ready_rx).map(Ok::<_, std::io::Error>);
+
+    for service in [
+        "mdm.v1.SiteService",
+        "mdm.v1.UserService",
+        "mdm.v1.DeviceService",
+        "mdm.v1.ActionLogService",
+        "mdm.v1.EnrollmentService",
+        "mdm.v1.AgentService",
+        "",
+    ] {
+        health_reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "serving");
+
+    let signal = {
+        let stop_tx = stop_tx.clone();
+        let health_reporter = health_reporter.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, draining calls");
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = stop_tx.send(true);
+        }
+    };
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(site)
+        .add_service(user)
+        .add_service(device)
+        .add_service(action_log)
+        .add_service(enrollment)
+        .add_service(agent)
+        .serve_with_incoming_shutdown(incoming, signal);
+
+    let mut stopped = stop_rx.clone();
+    let drain_timeout = config.drain_timeout;
+    let result = tokio::select! {
+        result = serve => result,
+        // Long-lived streams may never end on their own: bound the drain.
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(?drain_timeout, "calls still open after the drain timeout; closing them");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    accept.abort();
+    storage.flush()?;
+    tracing::info!("stopped; storage flushed");
+    result.map_err(ServerError::from)
+}

