@@ -119,6 +119,8 @@ pub struct Config {
     pub owner_email: String,
     /// How long in-flight calls may run after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Per-source throttling of wrong company passcodes.
+    pub throttle: crate::throttle::ThrottleConfig,
 }
 
 impl Config {
@@ -131,6 +133,7 @@ impl Config {
             log_format: LogFormat::Human,
             owner_email: DEFAULT_OWNER_EMAIL.to_owned(),
             drain_timeout: Duration::from_secs(10),
+            throttle: Default::default(),
         }
     }
 }
@@ -205,6 +208,7 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
             .unwrap_or(LogFormat::Human),
         owner_email: owner_email.to_ascii_lowercase(),
         drain_timeout: Duration::from_secs(10),
+        throttle: Default::default(),
     })
 }
 

@@ -22,12 +22,21 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<StorageError> for Error {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::BadPageToken => Error::InvalidArgument(error.to_string()),
+            other => Error::Storage(other),
+        }
+    }
+}
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {

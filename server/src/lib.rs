@@ -5,16 +5,22 @@
 pub mod admin_cli;
 pub mod admins;
 pub mod api;
+pub mod app;
+pub mod company_passcode;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
 pub mod error;
 pub mod fsutil;
 pub mod identity;
+pub mod model;
 pub mod pki;
 pub mod server;
+pub mod sites;
 pub mod storage;
+pub mod throttle;
 pub mod tls;
+pub mod users;
 
 pub use config::Config;
 pub use server::run;

@@ -17,7 +17,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api;
+use crate::app::App;
 use crate::config::Config;
+use crate::crypto::ServerKeys;
 use crate::datadir::{self, DataDir, DataDirError, FirstStart};
 use crate::identity::{AdminAuthenticator, DeviceAuthenticator};
 use crate::storage::Storage;
@@ -53,6 +55,17 @@ pub fn prepare_data_dir(config: &Config) -> Result<Option<FirstStart>, DataDirEr
     }
     dir.check_layout()?;
     Ok(None)
+}
+
+/// The domain services over an opened data dir.
+pub fn open_app(dir: &DataDir, storage: Storage, config: &Config) -> Result<App, ServerError> {
+    let keys = ServerKeys::new(dir.load_secret()?);
+    Ok(App::new(
+        storage,
+        Arc::new(dir.registry()),
+        &keys,
+        config.throttle,
+    ))
 }
 
 /// DNS names and addresses the server certificate covers.
@@ -97,8 +110,8 @@ pub async fn run(
     let acceptor = tls::acceptor(ca.cert_pem(), &server_chain, &server_key)?;
     drop(server_key);
 
-    let registry = Arc::new(dir.registry());
-    let admin_auth = AdminAuthenticator::new(registry);
+    let app = Arc::new(open_app(&dir, storage.clone(), &config)?);
+    let admin_auth = AdminAuthenticator::new(app.registry.clone());
     // No device is enrolled before the enrollment issue lands, so every
     // device certificate is treated as unknown.
     let device_auth = DeviceAuthenticator::new(|_, _| Ok(true));
@@ -117,13 +130,16 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let (stop_tx, stop_rx) = watch::channel(false);
     let admin = admin_auth.interceptor();
     let site = InterceptedService::new(
-        SiteServiceServer::new(api::SiteApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        SiteServiceServer::new(api::SiteApi::new(app.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin.clone(),
     );
     let user = InterceptedService::new(
-        UserServiceServer::new(api::UserApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        UserServiceServer::new(api::UserApi::new(app.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin.clone(),
     );
     let device = InterceptedService::new(
@@ -131,7 +147,8 @@ pub async fn run(
         admin.clone(),
     );
     let action_log = InterceptedService::new(
-        ActionLogServiceServer::new(api::ActionLogApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ActionLogServiceServer::new(api::ActionLogApi::new(app.clone(), stop_rx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin,
     );
     let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi)
@@ -142,7 +159,6 @@ pub async fn run(
     );
 
     let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = mpsc::channel(256);
     let accept = tokio::spawn(tls::accept_loop(
         listener,

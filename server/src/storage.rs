@@ -1,8 +1,28 @@
 //! Everything the server keeps in sled: keys, encoding and the schema
 //! version. The rest of the server sees operations on domain values only, so
 //! another backend can take sled's place.
+//!
+//! We never use sled transactions or batches: in sled 0.34 either one
+//! switches the whole process to a global reader-writer lock that deadlocks
+//! against sled's own flusher under concurrent load (seen here in tests).
+//! Instead, multi-key changes are serialised by our own locks and ordered so
+//! that one key is the commit point: index entries are written before the
+//! record they point to and removed after it, so a crash leaves at most a
+//! dangling index entry, which every reader checks against the record. A
+//! lockout is committed inside the passcode record itself
+//! (`pending_lockout`) and copied to the alert log and outbox afterwards;
+//! `open` finishes any copy a crash interrupted.
 
 use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::model::{
+    Alert, CompanyPasscodeRecord, MAX_REMEMBERED_SOURCES, Millis, Notification, NotificationState,
+    PasscodeState, PendingLockout, Site, User,
+};
 
 /// Bumped whenever the layout of keys or values changes incompatibly.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -24,6 +44,48 @@ pub enum StorageError {
     Missing(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("page_token is not one this list returned")]
+    BadPageToken,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("domain records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+/// `a \0 b`: composite keys sort by `a`, then `b`.
+fn key2(a: &str, b: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(a.len() + b.len() + 1);
+    key.extend_from_slice(a.as_bytes());
+    key.push(0);
+    key.extend_from_slice(b.as_bytes());
+    key
+}
+
+fn prefix(a: &str) -> Vec<u8> {
+    key2(a, "")
+}
+
+/// One page of a listing, and the token for the next one.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: String,
+}
+
+/// What counting a wrong company passcode did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FailedAttempt {
+    /// Counted; the passcode is still enabled.
+    Counted { failed_attempts: u32 },
+    /// This attempt reached the limit: the passcode is now locked out and
+    /// the alert (with its notifications) was stored.
+    LockedOut(Box<Alert>),
+    /// The passcode was not enabled, so nothing was counted.
+    NotEnabled,
 }
 
 /// The sled database and its trees.
@@ -31,6 +93,30 @@ pub enum StorageError {
 pub struct Storage {
     db: sled::Db,
     meta: sled::Tree,
+    /// site_id -> Site
+    sites: sled::Tree,
+    /// site_id \0 email -> User
+    users: sled::Tree,
+    /// user_id -> site_id \0 email
+    user_ids: sled::Tree,
+    /// email \0 site_id -> () : which sites an email belongs to
+    user_sites: sled::Tree,
+    /// site_id -> CompanyPasscodeRecord
+    passcodes: sled::Tree,
+    /// HMAC of a current passcode -> site_id
+    passcode_hashes: sled::Tree,
+    /// site_id \0 alert_id -> Alert
+    alerts: sled::Tree,
+    /// notification_id -> Notification
+    outbox: sled::Tree,
+    /// Serialises changes to users and their indexes.
+    users_lock: Arc<Mutex<()>>,
+    /// Serialises changes to company passcode records.
+    passcode_lock: Arc<Mutex<()>>,
+}
+
+fn hold(lock: &Mutex<()>) -> MutexGuard<'_, ()> {
+    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Storage {
@@ -61,6 +147,7 @@ impl Storage {
                 expected: SCHEMA_VERSION,
             });
         }
+        storage.finish_pending_lockouts()?;
         Ok(storage)
     }
 
@@ -69,8 +156,20 @@ impl Storage {
             .path(path)
             .flush_every_ms(Some(500))
             .open()?;
-        let meta = db.open_tree("meta")?;
-        Ok(Self { db, meta })
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            sites: db.open_tree("sites")?,
+            users: db.open_tree("users")?,
+            user_ids: db.open_tree("user_ids")?,
+            user_sites: db.open_tree("user_sites")?,
+            passcodes: db.open_tree("passcodes")?,
+            passcode_hashes: db.open_tree("passcode_hashes")?,
+            alerts: db.open_tree("alerts")?,
+            outbox: db.open_tree("outbox")?,
+            users_lock: Arc::default(),
+            passcode_lock: Arc::default(),
+            db,
+        })
     }
 
     /// Makes every write so far durable.
@@ -79,12 +178,388 @@ impl Storage {
         Ok(())
     }
 
+    /// Makes every write so far durable without blocking the runtime.
+    /// (sled's own `flush_async` is known to deadlock; a blocking flush on
+    /// the blocking pool is not.)
+    pub async fn flush_async(&self) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StorageError::Corrupt(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
+
+    // ---- sites ----
+
+    /// Stores a new site; false when the id is taken.
+    pub fn insert_site(&self, site: &Site) -> Result<bool, StorageError> {
+        let swapped = self.sites.compare_and_swap(
+            site.site_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(encode(site)),
+        )?;
+        Ok(swapped.is_ok())
+    }
+
+    pub fn get_site(&self, site_id: &str) -> Result<Option<Site>, StorageError> {
+        self.sites
+            .get(site_id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn put_site(&self, site: &Site) -> Result<(), StorageError> {
+        self.sites.insert(site.site_id.as_bytes(), encode(site))?;
+        Ok(())
+    }
+
+    /// Sites ordered by id, keeping those `visible` lets through.
+    pub fn list_sites(
+        &self,
+        page_token: &str,
+        limit: usize,
+        visible: impl Fn(&Site) -> bool,
+    ) -> Result<Page<Site>, StorageError> {
+        page(&self.sites, b"", page_token, limit, false, |_, v| {
+            let site: Site = decode(v)?;
+            Ok(visible(&site).then_some(site))
+        })
+    }
+
+    // ---- users ----
+
+    /// Inserts users of one site under the users lock, skipping (and
+    /// returning the indexes of) those whose email the site already has.
+    pub fn insert_users(&self, site_id: &str, users: &[User]) -> Result<Vec<usize>, StorageError> {
+        let _guard = hold(&self.users_lock);
+        let mut existing = Vec::new();
+        for (index, user) in users.iter().enumerate() {
+            let key = key2(site_id, &user.email);
+            if self.users.contains_key(&key)? {
+                existing.push(index);
+                continue;
+            }
+            // Indexes first: the user record is the commit point.
+            self.user_ids
+                .insert(user.user_id.as_bytes(), key.as_slice())?;
+            self.user_sites.insert(key2(&user.email, site_id), &[])?;
+            self.users.insert(key, encode(user))?;
+        }
+        Ok(existing)
+    }
+
+    pub fn get_user(&self, site_id: &str, email: &str) -> Result<Option<User>, StorageError> {
+        self.users
+            .get(key2(site_id, email))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn get_user_by_id(&self, user_id: &str) -> Result<Option<User>, StorageError> {
+        let Some(key) = self.user_ids.get(user_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let user: Option<User> = self.users.get(key)?.map(|v| decode(&v)).transpose()?;
+        Ok(user.filter(|u| u.user_id == user_id))
+    }
+
+    pub fn list_users(
+        &self,
+        site_id: &str,
+        page_token: &str,
+        limit: usize,
+    ) -> Result<Page<User>, StorageError> {
+        page(
+            &self.users,
+            &prefix(site_id),
+            page_token,
+            limit,
+            false,
+            |_, v| decode(v).map(Some),
+        )
+    }
+
+    /// Removes a user; returns it, or None when there was none.
+    pub fn delete_user(&self, user_id: &str) -> Result<Option<User>, StorageError> {
+        let _guard = hold(&self.users_lock);
+        let Some(key) = self.user_ids.get(user_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.users.get(&key)? else {
+            self.user_ids.remove(user_id.as_bytes())?;
+            return Ok(None);
+        };
+        let user: User = decode(&bytes)?;
+        if user.user_id != user_id {
+            // A dangling index entry of an earlier user with that email.
+            self.user_ids.remove(user_id.as_bytes())?;
+            return Ok(None);
+        }
+        // The record first: once it is gone the user is gone.
+        self.users.remove(&key)?;
+        self.user_sites.remove(key2(&user.email, &user.site_id))?;
+        self.user_ids.remove(user_id.as_bytes())?;
+        Ok(Some(user))
+    }
+
+    /// Ids of the sites that have a user with this (lower-case) email.
+    pub fn sites_of_email(&self, email: &str) -> Result<Vec<String>, StorageError> {
+        let prefix = prefix(email);
+        self.user_sites
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key?;
+                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    // ---- company passcodes ----
+
+    pub fn get_passcode(
+        &self,
+        site_id: &str,
+    ) -> Result<Option<CompanyPasscodeRecord>, StorageError> {
+        self.passcodes
+            .get(site_id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Replaces the site's passcode. The record is the commit point: the
+    /// new hash index entry is written before it, the old one removed after,
+    /// and verification compares the hash in the record, so the old
+    /// passcode stops working the moment the record changes.
+    pub fn replace_passcode(&self, record: &CompanyPasscodeRecord) -> Result<(), StorageError> {
+        let new_hash =
+            hex::decode(&record.hash).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let _guard = hold(&self.passcode_lock);
+        let old = self.get_passcode(&record.site_id)?;
+        self.passcode_hashes
+            .insert(new_hash.as_slice(), record.site_id.as_bytes())?;
+        self.passcodes
+            .insert(record.site_id.as_bytes(), encode(record))?;
+        if let Some(old_hash) = old.and_then(|old| hex::decode(old.hash).ok())
+            && old_hash != new_hash
+        {
+            self.passcode_hashes.remove(old_hash)?;
+        }
+        Ok(())
+    }
+
+    /// Changes the passcode record of a site under the passcode lock;
+    /// `change` returns false to leave it as it was. Returns the record after.
+    pub fn update_passcode(
+        &self,
+        site_id: &str,
+        change: impl FnOnce(&mut CompanyPasscodeRecord) -> bool,
+    ) -> Result<Option<CompanyPasscodeRecord>, StorageError> {
+        let _guard = hold(&self.passcode_lock);
+        let Some(mut record) = self.get_passcode(site_id)? else {
+            return Ok(None);
+        };
+        if change(&mut record) {
+            self.passcodes.insert(site_id.as_bytes(), encode(&record))?;
+        }
+        Ok(Some(record))
+    }
+
+    /// The site whose current passcode has this keyed hash.
+    pub fn site_for_passcode_hash(&self, hash: &[u8]) -> Result<Option<String>, StorageError> {
+        Ok(self
+            .passcode_hashes
+            .get(hash)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Counts one wrong passcode against a site. The attempt that reaches
+    /// `limit` locks the passcode out and commits the alert and its
+    /// notifications with it, under the passcode lock, so concurrent attempts
+    /// can neither skip the limit nor raise two alerts.
+    pub fn record_failed_attempt(
+        &self,
+        site_id: &str,
+        limit: u32,
+        now: Millis,
+        source: &str,
+        lockout: impl FnOnce(&CompanyPasscodeRecord) -> (Alert, Vec<Notification>),
+    ) -> Result<FailedAttempt, StorageError> {
+        let _guard = hold(&self.passcode_lock);
+        let Some(mut record) = self.get_passcode(site_id)? else {
+            return Ok(FailedAttempt::NotEnabled);
+        };
+        if record.state != PasscodeState::Enabled {
+            return Ok(FailedAttempt::NotEnabled);
+        }
+        record.failed_attempts += 1;
+        record.last_failed_at = Some(now);
+        if !record.failed_sources.iter().any(|s| s == source) {
+            if record.failed_sources.len() >= MAX_REMEMBERED_SOURCES {
+                record.failed_sources.remove(0);
+            }
+            record.failed_sources.push(source.to_owned());
+        }
+        if record.failed_attempts < limit {
+            self.passcodes.insert(site_id.as_bytes(), encode(&record))?;
+            return Ok(FailedAttempt::Counted {
+                failed_attempts: record.failed_attempts,
+            });
+        }
+        record.state = PasscodeState::LockedOut;
+        let (alert, notifications) = lockout(&record);
+        record.pending_lockout = Some(PendingLockout {
+            alert: alert.clone(),
+            notifications,
+        });
+        self.passcodes.insert(site_id.as_bytes(), encode(&record))?;
+        self.copy_pending_lockout(record)?;
+        Ok(FailedAttempt::LockedOut(Box::new(alert)))
+    }
+
+    /// Copies a committed lockout into the alert log and the outbox, then
+    /// clears it from the record. Idempotent: ids are fixed in the record.
+    fn copy_pending_lockout(&self, mut record: CompanyPasscodeRecord) -> Result<(), StorageError> {
+        let Some(pending) = record.pending_lockout.take() else {
+            return Ok(());
+        };
+        self.alerts.insert(
+            key2(&pending.alert.site_id, &pending.alert.alert_id),
+            encode(&pending.alert),
+        )?;
+        for notification in &pending.notifications {
+            self.outbox.insert(
+                notification.notification_id.as_bytes(),
+                encode(notification),
+            )?;
+        }
+        self.passcodes
+            .insert(record.site_id.as_bytes(), encode(&record))?;
+        Ok(())
+    }
+
+    fn finish_pending_lockouts(&self) -> Result<(), StorageError> {
+        let _guard = hold(&self.passcode_lock);
+        for entry in self.passcodes.iter() {
+            let (_, value) = entry?;
+            let record: CompanyPasscodeRecord = decode(&value)?;
+            if record.pending_lockout.is_some() {
+                tracing::warn!(site_id = %record.site_id, "finishing a lockout interrupted by a crash");
+                self.copy_pending_lockout(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- alerts and outbox ----
+
+    /// A site's alerts, newest first.
+    pub fn list_alerts(
+        &self,
+        site_id: &str,
+        page_token: &str,
+        limit: usize,
+    ) -> Result<Page<Alert>, StorageError> {
+        page(
+            &self.alerts,
+            &prefix(site_id),
+            page_token,
+            limit,
+            true,
+            |_, v| decode(v).map(Some),
+        )
+    }
+
+    /// Notifications of a site (all sites when `site_id` is None), oldest first.
+    pub fn list_notifications(
+        &self,
+        site_id: Option<&str>,
+        state: Option<NotificationState>,
+        page_token: &str,
+        limit: usize,
+    ) -> Result<Page<Notification>, StorageError> {
+        page(&self.outbox, b"", page_token, limit, false, |_, v| {
+            let n: Notification = decode(v)?;
+            let keep =
+                site_id.is_none_or(|s| n.site_id == s) && state.is_none_or(|st| n.state == st);
+            Ok(keep.then_some(n))
+        })
+    }
+
     #[cfg(test)]
     fn set_schema_version_for_test(&self, version: u32) -> Result<(), StorageError> {
         self.meta
             .insert(SCHEMA_KEY, version.to_be_bytes().as_slice())?;
         Ok(())
     }
+}
+
+/// Reads one page of `tree` under `prefix`, after the key in `page_token`
+/// (hex), in key order or reversed. `keep` decodes an entry and may skip it.
+fn page<T>(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    page_token: &str,
+    limit: usize,
+    newest_first: bool,
+    keep: impl Fn(&[u8], &[u8]) -> Result<Option<T>, StorageError>,
+) -> Result<Page<T>, StorageError> {
+    use std::ops::Bound;
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        let key = hex::decode(page_token).map_err(|_| StorageError::BadPageToken)?;
+        if !key.starts_with(prefix) {
+            return Err(StorageError::BadPageToken);
+        }
+        Some(key)
+    };
+    let mut upper = prefix.to_vec();
+    let upper_bound = if prefix.is_empty() {
+        Bound::Unbounded
+    } else {
+        // Every key under `prefix` sorts before `prefix` with its last byte raised.
+        if let Some(last) = upper.last_mut() {
+            *last += 1;
+        }
+        Bound::Excluded(upper)
+    };
+    let range: (Bound<Vec<u8>>, Bound<Vec<u8>>) = match (&after, newest_first) {
+        (None, _) => (Bound::Included(prefix.to_vec()), upper_bound),
+        (Some(key), false) => (Bound::Excluded(key.clone()), upper_bound),
+        (Some(key), true) => (
+            Bound::Included(prefix.to_vec()),
+            Bound::Excluded(key.clone()),
+        ),
+    };
+    let iter = tree.range(range);
+    let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if newest_first {
+        Box::new(iter.rev())
+    } else {
+        Box::new(iter)
+    };
+    let mut items = Vec::new();
+    let mut last_key = None;
+    let mut has_more = false;
+    for entry in iter {
+        let (key, value) = entry?;
+        if let Some(item) = keep(&key, &value)? {
+            if items.len() == limit {
+                has_more = true;
+                break;
+            }
+            items.push(item);
+            last_key = Some(key);
+        }
+    }
+    let next_page_token = match (has_more, last_key) {
+        (true, Some(key)) => hex::encode(key),
+        _ => String::new(),
+    };
+    Ok(Page {
+        items,
+        next_page_token,
+    })
 }
 
 #[cfg(test)]
@@ -105,6 +580,73 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("schema version 2"), "{message}");
         assert!(message.contains("refusing to start"), "{message}");
+    }
+
+    #[test]
+    fn a_lockout_interrupted_by_a_crash_is_finished_on_open() {
+        use crate::model::{AlertKind, CompanyPasscodeRecord, PendingLockout};
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let alert = Alert {
+            alert_id: "a1".into(),
+            site_id: "st_1".into(),
+            kind: AlertKind::CompanyPasscodeLockedOut,
+            created_at: 1,
+            details: "locked".into(),
+            failed_attempts: 3,
+            source_addresses: vec!["127.0.0.1".into()],
+        };
+        let notification = Notification {
+            notification_id: "n1".into(),
+            site_id: "st_1".into(),
+            channel: "email".into(),
+            recipient: "owner@localhost".into(),
+            subject: "s".into(),
+            body_text: "b".into(),
+            state: NotificationState::Pending,
+            attempts: 0,
+            last_error: String::new(),
+            created_at: 1,
+            next_attempt_at: 1,
+            delivered_at: None,
+        };
+        let record = CompanyPasscodeRecord {
+            site_id: "st_1".into(),
+            state: PasscodeState::LockedOut,
+            hash: "00".into(),
+            generated_at: 0,
+            generated_by: "owner@localhost".into(),
+            failed_attempts: 3,
+            last_failed_at: Some(1),
+            last_used_at: None,
+            enrollments: 0,
+            failed_sources: vec!["127.0.0.1".into()],
+            pending_lockout: Some(PendingLockout {
+                alert: alert.clone(),
+                notifications: vec![notification.clone()],
+            }),
+        };
+        // What a crash right after the commit point leaves behind.
+        storage
+            .passcodes
+            .insert(b"st_1", encode(&record))
+            .expect("insert");
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("open");
+        assert_eq!(
+            storage.list_alerts("st_1", "", 10).expect("alerts").items,
+            vec![alert]
+        );
+        let outbox = storage
+            .list_notifications(None, None, "", 10)
+            .expect("outbox");
+        assert_eq!(outbox.items, vec![notification]);
+        let after = storage.get_passcode("st_1").expect("get").expect("record");
+        assert!(after.pending_lockout.is_none());
+        assert_eq!(after.state, PasscodeState::LockedOut);
     }
 
     #[test]

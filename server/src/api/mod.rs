@@ -2,31 +2,24 @@
 //! messages into domain values, calls the domain, and maps errors through
 //! `impl From<Error> for Status`. Domain code never sees prost types.
 
+mod action_log;
+pub mod convert;
+mod site;
+mod user;
+
+pub use action_log::ActionLogApi;
+pub use site::SiteApi;
+pub use user::UserApi;
+
 use mdm_proto::v1::{
-    action_log_service_server::ActionLogService, agent_service_server::AgentService,
-    device_service_server::DeviceService, enrollment_service_server::EnrollmentService,
-    site_service_server::SiteService, user_service_server::UserService,
+    agent_service_server::AgentService, device_service_server::DeviceService,
+    enrollment_service_server::EnrollmentService,
 };
-
-/// `SiteService`: sites, company passcode and passcode policy.
-#[derive(Debug, Clone)]
-pub struct SiteApi;
-impl SiteService for SiteApi {}
-
-/// `UserService`: the users of a site.
-#[derive(Debug, Clone)]
-pub struct UserApi;
-impl UserService for UserApi {}
 
 /// `DeviceService`: devices and the security actions on them.
 #[derive(Debug, Clone)]
 pub struct DeviceApi;
 impl DeviceService for DeviceApi {}
-
-/// `ActionLogService`: actions, alerts and notifications.
-#[derive(Debug, Clone)]
-pub struct ActionLogApi;
-impl ActionLogService for ActionLogApi {}
 
 /// `EnrollmentService`: self-service enrollment, open to clients without a certificate.
 #[derive(Debug, Clone)]

@@ -1,0 +1,116 @@
+//! `mdm.v1.ActionLogService`: security alerts and the notification outbox
+//! (actions arrive with the command stream).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use mdm_proto::v1 as pb;
+use mdm_proto::v1::action_log_service_server::ActionLogService;
+use tokio::sync::watch;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, authorize_site, page_size, required_id};
+use crate::app::App;
+use crate::identity;
+use crate::model::NotificationState;
+
+#[derive(Debug, Clone)]
+pub struct ActionLogApi {
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ActionLogApi {
+    pub fn new(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { app, shutdown }
+    }
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl ActionLogService for ActionLogApi {
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Rpc<pb::ListAlertsResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let site_id = required_id("site_id", &request.site_id)?;
+        authorize_site(&admin, site_id)?;
+        self.app.get_site(site_id)?;
+        let page = self
+            .app
+            .storage()
+            .list_alerts(site_id, &request.page_token, page_size(request.page_size)?)
+            .map_err(crate::error::Error::from)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: page.items.into_iter().map(convert::alert).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn watch_alerts(
+        &self,
+        request: Request<pb::WatchAlertsRequest>,
+    ) -> Rpc<BoxStream<pb::WatchAlertsResponse>> {
+        let admin = identity::admin(&request)?;
+        let site_id = required_id("site_id", &request.get_ref().site_id)?.to_owned();
+        authorize_site(&admin, &site_id)?;
+        self.app.get_site(&site_id)?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = BroadcastStream::new(self.app.subscribe_alerts())
+            .filter_map(move |item| {
+                let site_id = site_id.clone();
+                async move {
+                    match item {
+                        Ok(alert) if alert.site_id == site_id => Some(Ok(pb::WatchAlertsResponse {
+                            alert: Some(convert::alert(alert)),
+                        })),
+                        Ok(_) => None,
+                        Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::resource_exhausted(format!(
+                            "this watcher fell {missed} alerts behind and was dropped; list alerts and watch again"
+                        )))),
+                    }
+                }
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|stopped| *stopped).await;
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<pb::ListNotificationsRequest>,
+    ) -> Rpc<pb::ListNotificationsResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let site_id = required_id("site_id", &request.site_id)?;
+        authorize_site(&admin, site_id)?;
+        let state = match request.state() {
+            pb::NotificationState::Unspecified => None,
+            pb::NotificationState::Pending => Some(NotificationState::Pending),
+            pb::NotificationState::Delivered => Some(NotificationState::Delivered),
+            pb::NotificationState::Failed => Some(NotificationState::Failed),
+        };
+        let page = self
+            .app
+            .storage()
+            .list_notifications(
+                Some(site_id),
+                state,
+                &request.page_token,
+                page_size(request.page_size)?,
+            )
+            .map_err(crate::error::Error::from)?;
+        Ok(Response::new(pb::ListNotificationsResponse {
+            notifications: page.items.into_iter().map(convert::notification).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,66 @@
+//! The domain services, shared by every gRPC module: sites, users and the
+//! company passcode (in `sites`, `users`, `company_passcode`). They take and
+//! return domain values and `crate::error::Error`, never prost types.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+use zeroize::Zeroizing;
+
+use crate::admins::AdminRegistry;
+use crate::crypto::ServerKeys;
+use crate::error::{Error, Result};
+use crate::model::{Alert, Site};
+use crate::storage::Storage;
+use crate::throttle::{Throttle, ThrottleConfig};
+
+/// Alert subscribers that fall this far behind miss alerts (they can re-list).
+const ALERT_CHANNEL_CAPACITY: usize = 1024;
+
+#[derive(Debug)]
+pub struct App {
+    pub(crate) storage: Storage,
+    pub(crate) registry: Arc<AdminRegistry>,
+    pub(crate) passcode_key: Zeroizing<[u8; 32]>,
+    pub(crate) throttle: Throttle,
+    pub(crate) alerts: broadcast::Sender<Alert>,
+}
+
+impl App {
+    pub fn new(
+        storage: Storage,
+        registry: Arc<AdminRegistry>,
+        keys: &ServerKeys,
+        throttle: ThrottleConfig,
+    ) -> Self {
+        let (alerts, _) = broadcast::channel(ALERT_CHANNEL_CAPACITY);
+        Self {
+            storage,
+            registry,
+            passcode_key: keys.derive("company-passcode/v1"),
+            throttle: Throttle::new(throttle),
+            alerts,
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// New security alerts as they are raised.
+    pub fn subscribe_alerts(&self) -> broadcast::Receiver<Alert> {
+        self.alerts.subscribe()
+    }
+
+    pub(crate) fn site(&self, site_id: &str) -> Result<Site> {
+        self.storage
+            .get_site(site_id)?
+            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))
+    }
+
+    /// Makes the writes of an admin call durable before it returns.
+    pub(crate) async fn commit(&self) -> Result<()> {
+        self.storage.flush_async().await?;
+        Ok(())
+    }
+}

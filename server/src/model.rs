@@ -1,0 +1,172 @@
+//! Domain values: what the server stores and reasons about. No prost types
+//! here; the `api` modules convert at the edge. Times are Unix milliseconds.
+
+use serde::{Deserialize, Serialize};
+
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    let now = time::OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000_000) as Millis
+}
+
+/// Wrong passcodes allowed before lockout, when a site does not say.
+pub const DEFAULT_FAILED_ATTEMPT_LIMIT: u32 = 10;
+pub const FAILED_ATTEMPT_LIMIT_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    pub site_id: String,
+    pub display_name: String,
+    pub failed_attempt_limit: u32,
+    pub created_at: Millis,
+    /// Days the latest reset passcode stays visible; 0 means always.
+    #[serde(default)]
+    pub reset_passcode_visible_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub user_id: String,
+    pub site_id: String,
+    /// Lower case.
+    pub email: String,
+    pub display_name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PasscodeState {
+    NotGenerated,
+    Enabled,
+    Disabled,
+    LockedOut,
+}
+
+/// How many failure sources a passcode record remembers for alerts.
+pub const MAX_REMEMBERED_SOURCES: usize = 32;
+
+/// A site's company passcode as stored: a keyed hash, never the passcode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompanyPasscodeRecord {
+    pub site_id: String,
+    pub state: PasscodeState,
+    /// HMAC-SHA256 of the passcode under the server's passcode key, hex.
+    pub hash: String,
+    pub generated_at: Millis,
+    pub generated_by: String,
+    pub failed_attempts: u32,
+    pub last_failed_at: Option<Millis>,
+    pub last_used_at: Option<Millis>,
+    pub enrollments: u32,
+    /// Distinct source addresses of failed attempts, oldest first, bounded.
+    pub failed_sources: Vec<String>,
+    /// A lockout alert (and its notifications) committed with this record
+    /// but not yet copied to the alert log and outbox; see `storage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_lockout: Option<PendingLockout>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLockout {
+    pub alert: Alert,
+    pub notifications: Vec<Notification>,
+}
+
+/// What an admin may see of a site's company passcode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompanyPasscodeInfo {
+    pub state: PasscodeState,
+    pub generated_at: Option<Millis>,
+    pub generated_by: String,
+    pub failed_attempts: u32,
+    pub failed_attempt_limit: u32,
+    pub last_failed_at: Option<Millis>,
+    pub last_used_at: Option<Millis>,
+    pub enrollments: u32,
+}
+
+impl CompanyPasscodeInfo {
+    pub fn of(site: &Site, record: Option<&CompanyPasscodeRecord>) -> Self {
+        match record {
+            None => Self {
+                state: PasscodeState::NotGenerated,
+                generated_at: None,
+                generated_by: String::new(),
+                failed_attempts: 0,
+                failed_attempt_limit: site.failed_attempt_limit,
+                last_failed_at: None,
+                last_used_at: None,
+                enrollments: 0,
+            },
+            Some(r) => Self {
+                state: r.state,
+                generated_at: Some(r.generated_at),
+                generated_by: r.generated_by.clone(),
+                failed_attempts: r.failed_attempts,
+                failed_attempt_limit: site.failed_attempt_limit,
+                last_failed_at: r.last_failed_at,
+                last_used_at: r.last_used_at,
+                enrollments: r.enrollments,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlertKind {
+    CompanyPasscodeLockedOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub site_id: String,
+    pub kind: AlertKind,
+    pub created_at: Millis,
+    pub details: String,
+    pub failed_attempts: u32,
+    pub source_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NotificationState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// A message waiting in (or delivered from) the durable outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub notification_id: String,
+    pub site_id: String,
+    /// "email" (or "webhook").
+    pub channel: String,
+    pub recipient: String,
+    pub subject: String,
+    pub body_text: String,
+    pub state: NotificationState,
+    pub attempts: u32,
+    pub last_error: String,
+    pub created_at: Millis,
+    pub next_attempt_at: Millis,
+    pub delivered_at: Option<Millis>,
+}
+
+/// Time-ordered unique id (UUID v7) for records listed by time.
+pub fn time_ordered_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Short random id with a type prefix, e.g. `st_k3m9x2q8w4ab`, easy to
+/// type in a grpcurl command.
+pub fn short_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let bytes: [u8; 12] = crate::crypto::os_random();
+    let body: String = bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect();
+    format!("{prefix}_{body}")
+}

@@ -1,0 +1,106 @@
+//! Sites: creation, reading, listing and settings.
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::model::{
+    DEFAULT_FAILED_ATTEMPT_LIMIT, FAILED_ATTEMPT_LIMIT_RANGE, Site, now_millis, short_id,
+};
+use crate::storage::Page;
+
+/// Changes to a site's settings; `None` leaves a setting as it is.
+#[derive(Debug, Default, Clone)]
+pub struct SiteChanges {
+    pub display_name: Option<String>,
+    pub failed_attempt_limit: Option<u32>,
+    pub reset_passcode_visible_days: Option<u32>,
+}
+
+pub fn validate_display_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(Error::InvalidArgument(
+            "display_name must be 1 to 200 characters".into(),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(
+            "display_name must not contain control characters".into(),
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+pub fn validate_failed_attempt_limit(limit: u32) -> Result<u32> {
+    if FAILED_ATTEMPT_LIMIT_RANGE.contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "failed_attempt_limit must be between {} and {}, got {limit}",
+            FAILED_ATTEMPT_LIMIT_RANGE.start(),
+            FAILED_ATTEMPT_LIMIT_RANGE.end()
+        )))
+    }
+}
+
+impl App {
+    /// Creates a site; `failed_attempt_limit` None means the default.
+    pub async fn create_site(
+        &self,
+        display_name: &str,
+        failed_attempt_limit: Option<u32>,
+    ) -> Result<Site> {
+        let display_name = validate_display_name(display_name)?;
+        let failed_attempt_limit = match failed_attempt_limit {
+            Some(limit) => validate_failed_attempt_limit(limit)?,
+            None => DEFAULT_FAILED_ATTEMPT_LIMIT,
+        };
+        loop {
+            let site = Site {
+                site_id: short_id("st"),
+                display_name: display_name.clone(),
+                failed_attempt_limit,
+                created_at: now_millis(),
+                reset_passcode_visible_days: 0,
+            };
+            if self.storage.insert_site(&site)? {
+                self.commit().await?;
+                tracing::info!(site_id = %site.site_id, "site created");
+                return Ok(site);
+            }
+        }
+    }
+
+    pub fn get_site(&self, site_id: &str) -> Result<Site> {
+        self.site(site_id)
+    }
+
+    pub fn list_sites(
+        &self,
+        page_token: &str,
+        page_size: usize,
+        visible: impl Fn(&Site) -> bool,
+    ) -> Result<Page<Site>> {
+        Ok(self.storage.list_sites(page_token, page_size, visible)?)
+    }
+
+    pub async fn update_site(&self, site_id: &str, changes: SiteChanges) -> Result<Site> {
+        let mut site = self.site(site_id)?;
+        if let Some(name) = changes.display_name {
+            site.display_name = validate_display_name(&name)?;
+        }
+        if let Some(limit) = changes.failed_attempt_limit {
+            site.failed_attempt_limit = validate_failed_attempt_limit(limit)?;
+        }
+        if let Some(days) = changes.reset_passcode_visible_days {
+            if days > 3650 {
+                return Err(Error::InvalidArgument(
+                    "reset_passcode_visible_days must be at most 3650".into(),
+                ));
+            }
+            site.reset_passcode_visible_days = days;
+        }
+        self.storage.put_site(&site)?;
+        self.commit().await?;
+        Ok(site)
+    }
+}
