@@ -131,12 +131,11 @@ impl App {
     }
 }
 
-/// Parses and validates the CSV; returns the valid users with their line
-/// numbers and the refused rows.
-pub fn parse_users_csv(
-    site_id: &str,
-    csv_text: &str,
-) -> Result<(Vec<(u32, User)>, Vec<ImportError>)> {
+/// Valid users with their line numbers, and the refused rows.
+type ParsedCsv = (Vec<(u32, User)>, Vec<ImportError>);
+
+/// Parses and validates the CSV.
+pub fn parse_users_csv(site_id: &str, csv_text: &str) -> Result<ParsedCsv> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -161,11 +160,12 @@ pub fn parse_users_csv(
     let mut users = Vec::new();
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
+    let mut lines = LineCounter::new(csv_text);
     for record in reader.records() {
         let record = match record {
             Ok(record) => record,
             Err(error) => {
-                let line = error.position().map_or(0, |p| line_of(csv_text, p.byte()));
+                let line = error.position().map_or(0, |p| lines.line_of(p.byte()));
                 errors.push(ImportError {
                     line,
                     email: String::new(),
@@ -175,7 +175,7 @@ pub fn parse_users_csv(
             }
         };
         // csv counts lines without the blank ones; count them from the byte offset.
-        let line = record.position().map_or(0, |p| line_of(csv_text, p.byte()));
+        let line = record.position().map_or(0, |p| lines.line_of(p.byte()));
         if record.iter().all(str::is_empty) {
             continue;
         }
@@ -232,21 +232,44 @@ pub fn parse_users_csv(
     Ok((users, errors))
 }
 
-/// 1-based line where the record starting at byte `offset` of `text`
-/// begins (csv puts a record's start before the blank lines it skipped).
-fn line_of(text: &str, offset: u64) -> u32 {
-    let bytes = text.as_bytes();
-    let mut end = usize::try_from(offset)
-        .unwrap_or(usize::MAX)
-        .min(bytes.len());
-    while end < bytes.len() && (bytes[end] == b'\n' || bytes[end] == b'\r') {
-        end += 1;
+/// Turns the byte offsets csv reports into 1-based line numbers. Offsets
+/// only grow, so each newline is counted once over the whole import.
+struct LineCounter<'a> {
+    bytes: &'a [u8],
+    scanned: usize,
+    line: u32,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            bytes: text.as_bytes(),
+            scanned: 0,
+            line: 1,
+        }
     }
-    let newlines = text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count();
-    u32::try_from(newlines + 1).unwrap_or(u32::MAX)
+
+    /// The line where the record starting at byte `offset` begins (csv
+    /// puts a record's start before the blank lines it skipped).
+    fn line_of(&mut self, offset: u64) -> u32 {
+        let mut end = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.bytes.len());
+        while end < self.bytes.len() && (self.bytes[end] == b'\n' || self.bytes[end] == b'\r') {
+            end += 1;
+        }
+        if end > self.scanned {
+            let newlines = self.bytes[self.scanned..end]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            self.line = self
+                .line
+                .saturating_add(u32::try_from(newlines).unwrap_or(u32::MAX));
+            self.scanned = end;
+        }
+        self.line
+    }
 }
 
 #[cfg(test)]

@@ -205,12 +205,13 @@ impl TestServer {
                 .arg(c.dir.join("admin.key"));
         }
         command.arg("-max-time").arg("20");
-        // Flags first, then the address, then the method and its arguments.
-        let split = args
-            .iter()
-            .position(|a| !a.starts_with('-'))
-            .unwrap_or(args.len());
-        let (flags, rest) = args.split_at(split);
+        // Flags (with their values) first, then the address, then the method.
+        let mut split = 0;
+        while split < args.len() && args[split].starts_with('-') {
+            let takes_value = matches!(args[split], "-d" | "-H" | "-format" | "-rpc-header");
+            split += if takes_value { 2 } else { 1 };
+        }
+        let (flags, rest) = args.split_at(split.min(args.len()));
         command.args(flags).arg(self.target()).args(rest);
         command.output().await.unwrap()
     }
