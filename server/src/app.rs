@@ -8,11 +8,14 @@ use tokio::sync::broadcast;
 use zeroize::Zeroizing;
 
 use crate::admins::AdminRegistry;
+use crate::config::Config;
 use crate::crypto::ServerKeys;
 use crate::error::{Error, Result};
+use crate::live::LiveStreams;
 use crate::model::{Alert, Site};
+use crate::pki::CertificateAuthority;
 use crate::storage::Storage;
-use crate::throttle::{Throttle, ThrottleConfig};
+use crate::throttle::Throttle;
 
 /// Alert subscribers that fall this far behind miss alerts (they can re-list).
 const ALERT_CHANNEL_CAPACITY: usize = 1024;
@@ -24,6 +27,10 @@ pub struct App {
     pub(crate) passcode_key: Zeroizing<[u8; 32]>,
     pub(crate) throttle: Throttle,
     pub(crate) alerts: broadcast::Sender<Alert>,
+    pub(crate) ca: Arc<CertificateAuthority>,
+    pub(crate) device_cert_lifetime: std::time::Duration,
+    pub(crate) heartbeat_interval: std::time::Duration,
+    pub(crate) live: LiveStreams,
 }
 
 impl App {
@@ -31,16 +38,25 @@ impl App {
         storage: Storage,
         registry: Arc<AdminRegistry>,
         keys: &ServerKeys,
-        throttle: ThrottleConfig,
+        ca: Arc<CertificateAuthority>,
+        config: &Config,
     ) -> Self {
         let (alerts, _) = broadcast::channel(ALERT_CHANNEL_CAPACITY);
         Self {
             storage,
             registry,
             passcode_key: keys.derive("company-passcode/v1"),
-            throttle: Throttle::new(throttle),
+            throttle: Throttle::new(config.throttle),
             alerts,
+            ca,
+            device_cert_lifetime: config.device_cert_lifetime,
+            heartbeat_interval: config.heartbeat_interval,
+            live: LiveStreams::default(),
         }
+    }
+
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        self.heartbeat_interval
     }
 
     pub fn storage(&self) -> &Storage {

@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// Email of the owner credential created on first start [default: owner@localhost].
     #[arg(long, env = "MDM_OWNER_EMAIL", value_name = "EMAIL")]
     pub owner_email: Option<String>,
+    /// Lifetime of device certificates, e.g. 7d or 12h [default: 7d].
+    #[arg(long, env = "MDM_DEVICE_CERT_LIFETIME", value_parser = parse_duration, value_name = "DURATION")]
+    pub device_cert_lifetime: Option<Duration>,
+    /// Heartbeat interval of agent streams, e.g. 30s [default: 30s].
+    #[arg(long, env = "MDM_HEARTBEAT_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
+    pub heartbeat_interval: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +127,41 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Per-source throttling of wrong company passcodes.
     pub throttle: crate::throttle::ThrottleConfig,
+    /// Lifetime of device certificates; agents renew after two thirds.
+    pub device_cert_lifetime: Duration,
+    /// How often each side of an agent stream sends a heartbeat.
+    pub heartbeat_interval: Duration,
+}
+
+pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Parses "90s", "15m", "12h", "7d" or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 12h or 7d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration like 90s, 15m, 12h or 7d"
+            ));
+        }
+    };
+    let duration = Duration::from_secs(value.saturating_mul(seconds));
+    if duration.is_zero() {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(duration)
 }
 
 impl Config {
@@ -134,6 +175,8 @@ impl Config {
             owner_email: DEFAULT_OWNER_EMAIL.to_owned(),
             drain_timeout: Duration::from_secs(10),
             throttle: Default::default(),
+            device_cert_lifetime: DEFAULT_DEVICE_CERT_LIFETIME,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
         }
     }
 }
@@ -151,6 +194,8 @@ struct FileConfig {
     san: Option<Vec<String>>,
     log_format: Option<LogFormat>,
     owner_email: Option<String>,
+    device_cert_lifetime: Option<String>,
+    heartbeat_interval: Option<String>,
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -209,6 +254,24 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
         owner_email: owner_email.to_ascii_lowercase(),
         drain_timeout: Duration::from_secs(10),
         throttle: Default::default(),
+        device_cert_lifetime: args
+            .device_cert_lifetime
+            .or(file
+                .device_cert_lifetime
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| ConfigError(format!("config file: device_cert_lifetime {e}")))?)
+            .unwrap_or(DEFAULT_DEVICE_CERT_LIFETIME),
+        heartbeat_interval: args
+            .heartbeat_interval
+            .or(file
+                .heartbeat_interval
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| ConfigError(format!("config file: heartbeat_interval {e}")))?)
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
     })
 }
 

@@ -170,3 +170,118 @@ pub fn short_id(prefix: &str) -> String {
         .collect();
     format!("{prefix}_{body}")
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Platform {
+    Unspecified,
+    Linux,
+    MacOs,
+    Windows,
+    Android,
+    Ios,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ActionType {
+    ResetPasscode,
+    Lock,
+    Unenroll,
+}
+
+/// Whether the device can perform one kind of action, as its agent says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    pub action: ActionType,
+    pub supported: bool,
+    pub reason: String,
+}
+
+/// What the agent reports about its device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFacts {
+    pub platform: Platform,
+    pub os_version: String,
+    pub model: String,
+    pub serial_number: String,
+    pub hostname: String,
+    pub agent_version: String,
+    pub capabilities: Vec<Capability>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceStatus {
+    Active,
+    Unenrolled,
+    Replaced,
+}
+
+/// A device certificate the server issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedDeviceCert {
+    pub serial: String,
+    pub expires_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub device_id: String,
+    pub site_id: String,
+    pub user_email: String,
+    pub facts: DeviceFacts,
+    pub status: DeviceStatus,
+    pub enrolled_at: Millis,
+    pub last_seen: Option<Millis>,
+    /// The newest certificate first; the previous one stays valid until it
+    /// expires, so an agent keeps working while it switches to the new one.
+    pub certificates: Vec<IssuedDeviceCert>,
+    pub replaces_device_id: Option<String>,
+    pub replaced_by_device_id: Option<String>,
+}
+
+impl Device {
+    pub fn accepts_certificate(&self, serial: &str, now: Millis) -> bool {
+        self.status == DeviceStatus::Active
+            && self
+                .certificates
+                .iter()
+                .any(|c| c.serial == serial && c.expires_at > now)
+    }
+
+    pub fn certificate_expires_at(&self) -> Option<Millis> {
+        self.certificates.first().map(|c| c.expires_at)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionStatus {
+    Pending,
+    Sent,
+    Acknowledged,
+    InProgress,
+    Succeeded,
+    Failed,
+    Expired,
+    Canceled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionEvent {
+    pub status: ActionStatus,
+    pub at: Millis,
+    pub detail: String,
+}
+
+/// A security action on a device, with its status history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Action {
+    pub action_id: String,
+    pub site_id: String,
+    pub device_id: String,
+    pub action_type: ActionType,
+    pub status: ActionStatus,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub timeline: Vec<ActionEvent>,
+    pub failure_reason: String,
+}

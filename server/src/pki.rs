@@ -228,3 +228,93 @@ pub fn covers_exactly(chain_pem: &str, names: &[String], margin: Duration) -> bo
     wanted.sort();
     found == wanted
 }
+
+/// Largest CSR we read, PEM.
+pub const MAX_CSR_PEM_BYTES: usize = 8 * 1024;
+
+/// Why a certificate signing request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("the CSR is larger than {MAX_CSR_PEM_BYTES} bytes")]
+    TooLarge,
+    #[error("the CSR cannot be parsed or its signature is invalid")]
+    Invalid,
+    #[error("the CSR key must be ECDSA P-256 or Ed25519")]
+    WrongKeyType,
+    #[error("the CSR names another device")]
+    OtherSubject,
+}
+
+/// A verified CSR: its public key, ready to be certified.
+#[derive(Debug)]
+pub struct DeviceCsr {
+    public_key: rcgen::PublicKey,
+}
+
+/// Parses a PEM CSR, checks its self-signature and key type, and (when
+/// `device_id` is given) that it does not name another device.
+pub fn parse_device_csr(pem: &str, device_id: Option<&str>) -> Result<DeviceCsr, CsrError> {
+    if pem.len() > MAX_CSR_PEM_BYTES {
+        return Err(CsrError::TooLarge);
+    }
+    let csr =
+        rcgen::CertificateSigningRequestParams::from_pem(pem).map_err(|_| CsrError::Invalid)?;
+    let algorithm = csr.public_key.algorithm();
+    let raw_len = rcgen::PublicKeyData::der_bytes(&csr.public_key).len();
+    let ok = (*algorithm == rcgen::PKCS_ECDSA_P256_SHA256 && raw_len == 65)
+        || (*algorithm == rcgen::PKCS_ED25519 && raw_len == 32);
+    if !ok {
+        return Err(CsrError::WrongKeyType);
+    }
+    if let Some(device_id) = device_id {
+        let common_name = csr
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .map(|value| match value {
+                rcgen::DnValue::Utf8String(s) => s.clone(),
+                rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+                other => format!("{other:?}"),
+            });
+        if let Some(cn) = common_name
+            && !cn.is_empty()
+            && cn != device_id
+        {
+            return Err(CsrError::OtherSubject);
+        }
+    }
+    Ok(DeviceCsr {
+        public_key: csr.public_key,
+    })
+}
+
+impl CertificateAuthority {
+    /// Issues a device certificate for a verified CSR. The subject and SANs
+    /// are ours (device id as URI SAN), never the CSR's.
+    pub fn issue_device_cert(
+        &self,
+        csr: &DeviceCsr,
+        device_id: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String, OffsetDateTime), PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(device_id, Some(DEVICE_OU));
+        let uri = format!("{DEVICE_URI_PREFIX}{device_id}");
+        params.subject_alt_names = vec![SanType::URI(
+            uri.clone()
+                .try_into()
+                .map_err(|_| PkiError::InvalidName(uri))?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.to_bytes());
+        params.serial_number = Some(serial);
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok((cert.pem(), serial_hex, params.not_after))
+    }
+}

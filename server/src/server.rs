@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
@@ -60,11 +61,13 @@ pub fn prepare_data_dir(config: &Config) -> Result<Option<FirstStart>, DataDirEr
 /// The domain services over an opened data dir.
 pub fn open_app(dir: &DataDir, storage: Storage, config: &Config) -> Result<App, ServerError> {
     let keys = ServerKeys::new(dir.load_secret()?);
+    let ca = Arc::new(dir.load_ca()?);
     Ok(App::new(
         storage,
         Arc::new(dir.registry()),
         &keys,
-        config.throttle,
+        ca,
+        config,
     ))
 }
 
@@ -112,9 +115,14 @@ pub async fn run(
 
     let app = Arc::new(open_app(&dir, storage.clone(), &config)?);
     let admin_auth = AdminAuthenticator::new(app.registry.clone());
-    // No device is enrolled before the enrollment issue lands, so every
-    // device certificate is treated as unknown.
-    let device_auth = DeviceAuthenticator::new(|_, _| Ok(true));
+    let device_auth = {
+        let app = app.clone();
+        DeviceAuthenticator::new(move |device_id, serial| {
+            app.device_certificate_valid(device_id, serial)
+                .map(|valid| !valid)
+                .map_err(Status::from)
+        })
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -143,7 +151,8 @@ pub async fn run(
         admin.clone(),
     );
     let device = InterceptedService::new(
-        DeviceServiceServer::new(api::DeviceApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        DeviceServiceServer::new(api::DeviceApi::new(app.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin.clone(),
     );
     let action_log = InterceptedService::new(
@@ -151,10 +160,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin,
     );
-    let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi)
+    let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi::new(app.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agent = InterceptedService::new(
-        AgentServiceServer::new(api::AgentApi).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        AgentServiceServer::new(api::AgentApi::new(app.clone(), stop_rx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         device_auth.interceptor(),
     );
 

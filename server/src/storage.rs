@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::model::{
-    Alert, CompanyPasscodeRecord, MAX_REMEMBERED_SOURCES, Millis, Notification, NotificationState,
-    PasscodeState, PendingLockout, Site, User,
+    Action, Alert, CompanyPasscodeRecord, Device, DeviceStatus, MAX_REMEMBERED_SOURCES, Millis,
+    Notification, NotificationState, PasscodeState, PendingLockout, Site, User,
 };
 
 /// Bumped whenever the layout of keys or values changes incompatibly.
@@ -109,6 +109,20 @@ pub struct Storage {
     alerts: sled::Tree,
     /// notification_id -> Notification
     outbox: sled::Tree,
+    /// device_id -> Device
+    devices: sled::Tree,
+    /// site_id \0 device_id -> ()
+    site_devices: sled::Tree,
+    /// site_id \0 serial number -> device_id of the active record
+    device_serials: sled::Tree,
+    /// action_id (time-ordered) -> Action
+    actions: sled::Tree,
+    /// site_id \0 action_id -> ()
+    site_actions: sled::Tree,
+    /// device_id \0 action_id -> ()
+    device_actions: sled::Tree,
+    /// Serialises changes to devices and their indexes.
+    devices_lock: Arc<Mutex<()>>,
     /// Serialises changes to users and their indexes.
     users_lock: Arc<Mutex<()>>,
     /// Serialises changes to company passcode records.
@@ -166,6 +180,13 @@ impl Storage {
             passcode_hashes: db.open_tree("passcode_hashes")?,
             alerts: db.open_tree("alerts")?,
             outbox: db.open_tree("outbox")?,
+            devices: db.open_tree("devices")?,
+            site_devices: db.open_tree("site_devices")?,
+            device_serials: db.open_tree("device_serials")?,
+            actions: db.open_tree("actions")?,
+            site_actions: db.open_tree("site_actions")?,
+            device_actions: db.open_tree("device_actions")?,
+            devices_lock: Arc::default(),
             users_lock: Arc::default(),
             passcode_lock: Arc::default(),
             db,
@@ -449,6 +470,136 @@ impl Storage {
             }
         }
         Ok(())
+    }
+
+    // ---- devices ----
+
+    /// Stores a newly enrolled device. An active device with the same serial
+    /// number in the same site is marked replaced by it; returns its id.
+    pub fn enroll_device(&self, device: &mut Device) -> Result<Option<String>, StorageError> {
+        let _guard = hold(&self.devices_lock);
+        let serial_key = key2(&device.site_id, &device.facts.serial_number);
+        let mut replaced = None;
+        if !device.facts.serial_number.is_empty()
+            && let Some(old_id) = self.device_serials.get(&serial_key)?
+        {
+            let old_id = String::from_utf8_lossy(&old_id).into_owned();
+            if let Some(mut old) = self.get_device(&old_id)?
+                && old.status == DeviceStatus::Active
+            {
+                old.status = DeviceStatus::Replaced;
+                old.replaced_by_device_id = Some(device.device_id.clone());
+                device.replaces_device_id = Some(old_id.clone());
+                replaced = Some(old_id);
+                self.site_devices
+                    .insert(key2(&device.site_id, &device.device_id), &[])?;
+                self.devices
+                    .insert(device.device_id.as_bytes(), encode(&*device))?;
+                // The old record changes only once the new one exists.
+                self.devices
+                    .insert(old.device_id.as_bytes(), encode(&old))?;
+                self.device_serials
+                    .insert(serial_key, device.device_id.as_bytes())?;
+                return Ok(replaced);
+            }
+        }
+        self.site_devices
+            .insert(key2(&device.site_id, &device.device_id), &[])?;
+        self.devices
+            .insert(device.device_id.as_bytes(), encode(&*device))?;
+        if !device.facts.serial_number.is_empty() {
+            self.device_serials
+                .insert(serial_key, device.device_id.as_bytes())?;
+        }
+        Ok(replaced)
+    }
+
+    pub fn get_device(&self, device_id: &str) -> Result<Option<Device>, StorageError> {
+        self.devices
+            .get(device_id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Changes a device under the devices lock; `change` returns false to
+    /// leave it as it was. Returns the device after.
+    pub fn update_device(
+        &self,
+        device_id: &str,
+        change: impl FnOnce(&mut Device) -> bool,
+    ) -> Result<Option<Device>, StorageError> {
+        let _guard = hold(&self.devices_lock);
+        let Some(mut device) = self.get_device(device_id)? else {
+            return Ok(None);
+        };
+        if change(&mut device) {
+            self.devices.insert(device_id.as_bytes(), encode(&device))?;
+        }
+        Ok(Some(device))
+    }
+
+    /// A site's devices ordered by id, keeping those `keep` lets through.
+    pub fn list_devices(
+        &self,
+        site_id: &str,
+        page_token: &str,
+        limit: usize,
+        keep: impl Fn(&Device) -> bool,
+    ) -> Result<Page<Device>, StorageError> {
+        let prefix = prefix(site_id);
+        page(
+            &self.site_devices,
+            &prefix,
+            page_token,
+            limit,
+            false,
+            |key, _| {
+                let device_id = String::from_utf8_lossy(&key[prefix.len()..]);
+                Ok(self.get_device(&device_id)?.filter(|d| keep(d)))
+            },
+        )
+    }
+
+    // ---- actions ----
+
+    /// Stores an action (new or changed); indexes before the record.
+    pub fn put_action(&self, action: &Action) -> Result<(), StorageError> {
+        self.site_actions
+            .insert(key2(&action.site_id, &action.action_id), &[])?;
+        self.device_actions
+            .insert(key2(&action.device_id, &action.action_id), &[])?;
+        self.actions
+            .insert(action.action_id.as_bytes(), encode(action))?;
+        Ok(())
+    }
+
+    pub fn get_action(&self, action_id: &str) -> Result<Option<Action>, StorageError> {
+        self.actions
+            .get(action_id.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Actions of a site, or of one device when `device_id` is given,
+    /// newest first, keeping those `keep` lets through.
+    pub fn list_actions(
+        &self,
+        site_id: &str,
+        device_id: Option<&str>,
+        page_token: &str,
+        limit: usize,
+        keep: impl Fn(&Action) -> bool,
+    ) -> Result<Page<Action>, StorageError> {
+        let (tree, prefix) = match device_id {
+            Some(device_id) => (&self.device_actions, prefix(device_id)),
+            None => (&self.site_actions, prefix(site_id)),
+        };
+        page(tree, &prefix, page_token, limit, true, |key, _| {
+            let action_id = String::from_utf8_lossy(&key[prefix.len()..]);
+            Ok(self
+                .get_action(&action_id)?
+                .filter(|a| a.site_id == site_id && keep(a)))
+        })
     }
 
     // ---- alerts and outbox ----

@@ -34,6 +34,67 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl ActionLogService for ActionLogApi {
+    async fn list_actions(
+        &self,
+        request: Request<pb::ListActionsRequest>,
+    ) -> Rpc<pb::ListActionsResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let device_id = (!request.device_id.is_empty())
+            .then(|| required_id("device_id", &request.device_id))
+            .transpose()?;
+        let site_id = match device_id {
+            Some(device_id) => self.app.get_device(device_id)?.site_id,
+            None => required_id("site_id", &request.site_id)?.to_owned(),
+        };
+        authorize_site(&admin, &site_id)?;
+        self.app.get_site(&site_id)?;
+        let action_type = convert::action_type_from_proto(request.r#type());
+        let status = convert::action_status_from_proto(request.status());
+        let created_by = request.created_by.trim().to_ascii_lowercase();
+        let after = request.created_after.as_ref().map(convert::millis_of);
+        let before = request.created_before.as_ref().map(convert::millis_of);
+        let page = self
+            .app
+            .storage()
+            .list_actions(
+                &site_id,
+                device_id,
+                &request.page_token,
+                page_size(request.page_size)?,
+                |action| {
+                    action_type.is_none_or(|t| action.action_type == t)
+                        && status.is_none_or(|s| action.status == s)
+                        && (created_by.is_empty() || action.created_by == created_by)
+                        && after.is_none_or(|t| action.created_at >= t)
+                        && before.is_none_or(|t| action.created_at < t)
+                },
+            )
+            .map_err(crate::error::Error::from)?;
+        Ok(Response::new(pb::ListActionsResponse {
+            actions: page.items.into_iter().map(convert::action).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn get_action(
+        &self,
+        request: Request<pb::GetActionRequest>,
+    ) -> Rpc<pb::GetActionResponse> {
+        let admin = identity::admin(&request)?;
+        let action_id = required_id("action_id", &request.get_ref().action_id)?;
+        let action = self
+            .app
+            .storage()
+            .get_action(action_id)
+            .map_err(crate::error::Error::from)?
+            .ok_or_else(|| Status::not_found(format!("action {action_id:?} does not exist")))?;
+        authorize_site(&admin, &action.site_id)?;
+        Ok(Response::new(pb::GetActionResponse {
+            action: Some(convert::action(action)),
+        }))
+    }
+
     async fn list_alerts(
         &self,
         request: Request<pb::ListAlertsRequest>,

@@ -7,7 +7,8 @@ use tonic::Status;
 use crate::error::Error;
 use crate::identity::AdminIdentity;
 use crate::model::{
-    Alert, AlertKind, CompanyPasscodeInfo, Millis, Notification, NotificationState, PasscodeState,
+    Action, ActionStatus, ActionType, Alert, AlertKind, Capability, CompanyPasscodeInfo, Device,
+    DeviceFacts, DeviceStatus, Millis, Notification, NotificationState, PasscodeState, Platform,
     Site, User,
 };
 
@@ -145,4 +146,186 @@ pub fn notification(n: Notification) -> pb::Notification {
         next_attempt_at: Some(timestamp(n.next_attempt_at)),
         delivered_at: opt_timestamp(n.delivered_at),
     }
+}
+
+pub fn platform_from_proto(platform: pb::Platform) -> Platform {
+    match platform {
+        pb::Platform::Unspecified => Platform::Unspecified,
+        pb::Platform::Linux => Platform::Linux,
+        pb::Platform::Macos => Platform::MacOs,
+        pb::Platform::Windows => Platform::Windows,
+        pb::Platform::Android => Platform::Android,
+        pb::Platform::Ios => Platform::Ios,
+    }
+}
+
+pub fn platform(platform: Platform) -> pb::Platform {
+    match platform {
+        Platform::Unspecified => pb::Platform::Unspecified,
+        Platform::Linux => pb::Platform::Linux,
+        Platform::MacOs => pb::Platform::Macos,
+        Platform::Windows => pb::Platform::Windows,
+        Platform::Android => pb::Platform::Android,
+        Platform::Ios => pb::Platform::Ios,
+    }
+}
+
+pub fn action_type_from_proto(action: pb::ActionType) -> Option<ActionType> {
+    match action {
+        pb::ActionType::Unspecified => None,
+        pb::ActionType::ResetPasscode => Some(ActionType::ResetPasscode),
+        pb::ActionType::Lock => Some(ActionType::Lock),
+        pb::ActionType::Unenroll => Some(ActionType::Unenroll),
+    }
+}
+
+pub fn action_type(action: ActionType) -> pb::ActionType {
+    match action {
+        ActionType::ResetPasscode => pb::ActionType::ResetPasscode,
+        ActionType::Lock => pb::ActionType::Lock,
+        ActionType::Unenroll => pb::ActionType::Unenroll,
+    }
+}
+
+pub fn device_status_from_proto(status: pb::DeviceStatus) -> Option<DeviceStatus> {
+    match status {
+        pb::DeviceStatus::Unspecified => None,
+        pb::DeviceStatus::Active => Some(DeviceStatus::Active),
+        pb::DeviceStatus::Unenrolled => Some(DeviceStatus::Unenrolled),
+        pb::DeviceStatus::Replaced => Some(DeviceStatus::Replaced),
+    }
+}
+
+pub fn device_status(status: DeviceStatus) -> pb::DeviceStatus {
+    match status {
+        DeviceStatus::Active => pb::DeviceStatus::Active,
+        DeviceStatus::Unenrolled => pb::DeviceStatus::Unenrolled,
+        DeviceStatus::Replaced => pb::DeviceStatus::Replaced,
+    }
+}
+
+pub fn action_status_from_proto(status: pb::ActionStatus) -> Option<ActionStatus> {
+    match status {
+        pb::ActionStatus::Unspecified => None,
+        pb::ActionStatus::Pending => Some(ActionStatus::Pending),
+        pb::ActionStatus::Sent => Some(ActionStatus::Sent),
+        pb::ActionStatus::Acknowledged => Some(ActionStatus::Acknowledged),
+        pb::ActionStatus::InProgress => Some(ActionStatus::InProgress),
+        pb::ActionStatus::Succeeded => Some(ActionStatus::Succeeded),
+        pb::ActionStatus::Failed => Some(ActionStatus::Failed),
+        pb::ActionStatus::Expired => Some(ActionStatus::Expired),
+        pb::ActionStatus::Canceled => Some(ActionStatus::Canceled),
+    }
+}
+
+pub fn action_status(status: ActionStatus) -> pb::ActionStatus {
+    match status {
+        ActionStatus::Pending => pb::ActionStatus::Pending,
+        ActionStatus::Sent => pb::ActionStatus::Sent,
+        ActionStatus::Acknowledged => pb::ActionStatus::Acknowledged,
+        ActionStatus::InProgress => pb::ActionStatus::InProgress,
+        ActionStatus::Succeeded => pb::ActionStatus::Succeeded,
+        ActionStatus::Failed => pb::ActionStatus::Failed,
+        ActionStatus::Expired => pb::ActionStatus::Expired,
+        ActionStatus::Canceled => pb::ActionStatus::Canceled,
+    }
+}
+
+/// Checks and converts the facts an agent reports; strings are bounded so
+/// a client cannot make us store megabytes per device.
+pub fn device_facts(facts: pb::DeviceFacts) -> Result<DeviceFacts, String> {
+    fn bounded(field: &str, value: String) -> Result<String, String> {
+        if value.chars().count() > 256 || value.chars().any(char::is_control) {
+            return Err(format!("{field} must be at most 256 printable characters"));
+        }
+        Ok(value)
+    }
+    if facts.capabilities.len() > 32 {
+        return Err("too many capabilities".into());
+    }
+    let platform = platform_from_proto(facts.platform());
+    let capabilities = facts
+        .capabilities
+        .into_iter()
+        .filter_map(|c| {
+            let action = action_type_from_proto(c.action())?;
+            Some(
+                bounded("capability reason", c.reason).map(|reason| Capability {
+                    action,
+                    supported: c.supported,
+                    reason,
+                }),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DeviceFacts {
+        platform,
+        os_version: bounded("os_version", facts.os_version)?,
+        model: bounded("model", facts.model)?,
+        serial_number: bounded("serial_number", facts.serial_number)?,
+        hostname: bounded("hostname", facts.hostname)?,
+        agent_version: bounded("agent_version", facts.agent_version)?,
+        capabilities,
+    })
+}
+
+pub fn device(device: Device, online: bool) -> pb::Device {
+    let certificate_expires_at = device.certificate_expires_at().map(timestamp);
+    pb::Device {
+        device_id: device.device_id,
+        site_id: device.site_id,
+        user_email: device.user_email,
+        platform: platform(device.facts.platform).into(),
+        os_version: device.facts.os_version,
+        hostname: device.facts.hostname,
+        online,
+        last_seen: opt_timestamp(device.last_seen),
+        status: device_status(device.status).into(),
+        security: None,
+        model: device.facts.model,
+        serial_number: device.facts.serial_number,
+        agent_version: device.facts.agent_version,
+        capabilities: device
+            .facts
+            .capabilities
+            .into_iter()
+            .map(|c| pb::DeviceCapability {
+                action: action_type(c.action).into(),
+                supported: c.supported,
+                reason: c.reason,
+            })
+            .collect(),
+        enrolled_at: Some(timestamp(device.enrolled_at)),
+        certificate_expires_at,
+        replaces_device_id: device.replaces_device_id.unwrap_or_default(),
+    }
+}
+
+pub fn action(action: Action) -> pb::Action {
+    pb::Action {
+        action_id: action.action_id,
+        site_id: action.site_id,
+        device_id: action.device_id,
+        r#type: action_type(action.action_type).into(),
+        status: action_status(action.status).into(),
+        created_by: action.created_by,
+        created_at: Some(timestamp(action.created_at)),
+        updated_at: Some(timestamp(action.updated_at)),
+        timeline: action
+            .timeline
+            .into_iter()
+            .map(|e| pb::ActionEvent {
+                status: action_status(e.status).into(),
+                at: Some(timestamp(e.at)),
+                detail: e.detail,
+            })
+            .collect(),
+        failure_reason: action.failure_reason,
+        failure_code: pb::FailureCode::Unspecified.into(),
+        expires_at: None,
+    }
+}
+
+pub fn millis_of(timestamp: &Timestamp) -> Millis {
+    timestamp.seconds.saturating_mul(1000) + Millis::from(timestamp.nanos / 1_000_000)
 }

@@ -1,0 +1,192 @@
+//! `mdm.v1.AgentService`: certificate renewal and the device's stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use mdm_proto::v1 as pb;
+use mdm_proto::v1::agent_service_server::AgentService;
+use mdm_proto::v1::connect_request::Message as Inbound;
+use mdm_proto::v1::connect_response::Message as Outbound;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, timestamp};
+use crate::app::App;
+use crate::identity;
+use crate::live::StreamSignal;
+use crate::model::now_millis;
+
+/// An agent must say hello this soon after opening its stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    app: Arc<App>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AgentApi {
+    pub fn new(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { app, shutdown }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn outbound(message: Outbound) -> Result<pb::ConnectResponse, Status> {
+    Ok(pb::ConnectResponse {
+        message: Some(message),
+    })
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let device = identity::device(&request)?;
+        let certificate = self
+            .app
+            .renew_device_certificate(&device.device_id, &request.into_inner().csr_pem)
+            .await?;
+        Ok(Response::new(pb::RenewCertificateResponse {
+            certificate_chain_pem: certificate.chain_pem,
+            renew_after: Some(timestamp(certificate.renew_after)),
+            expires_at: Some(timestamp(certificate.expires_at)),
+        }))
+    }
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
+        let device = identity::device(&request)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("send a hello first")),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => {
+                return Err(Status::invalid_argument("the stream ended before a hello"));
+            }
+            Ok(Ok(Some(pb::ConnectRequest {
+                message: Some(Inbound::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ));
+            }
+        };
+        let facts = match hello.facts.map(convert::device_facts) {
+            Some(Ok(facts)) => Some(facts),
+            Some(Err(reason)) => return Err(Status::invalid_argument(reason)),
+            None => None,
+        };
+        self.app.device_seen(&device.device_id, facts)?;
+        let registration = self.app.live.register(&device.device_id);
+        let interval = self.app.heartbeat_interval();
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx
+            .send(outbound(Outbound::Hello(pb::ServerHello {
+                heartbeat_interval: Some(prost_types::Duration {
+                    seconds: i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(interval.subsec_nanos()).unwrap_or(0),
+                }),
+                policy: None,
+            })))
+            .await;
+        tracing::info!(device_id = %device.device_id, "agent connected");
+        let session = Session {
+            app: self.app.clone(),
+            device_id: device.device_id,
+            interval,
+            tx,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(session.run(inbound, registration));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One live agent stream.
+struct Session {
+    app: Arc<App>,
+    device_id: String,
+    interval: Duration,
+    tx: mpsc::Sender<Result<pb::ConnectResponse, Status>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::ConnectRequest>,
+        mut registration: crate::live::Registration,
+    ) {
+        let mut heartbeat = tokio::time::interval(self.interval);
+        heartbeat.tick().await;
+        let mut last_heard = Instant::now();
+        let reason = loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        last_heard = Instant::now();
+                        self.handle(message);
+                    }
+                    Ok(None) => break "the agent closed the stream",
+                    Err(_) => break "the stream broke",
+                },
+                signal = registration.signals.recv() => match signal {
+                    Some(StreamSignal::Unenrolled { action_id }) => {
+                        let command = pb::Command {
+                            command_id: action_id,
+                            r#type: pb::ActionType::Unenroll.into(),
+                            expires_at: Some(timestamp(now_millis() + 3_600_000)),
+                            payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
+                        };
+                        let _ = self.tx.send(outbound(Outbound::Command(command))).await;
+                        break "the device was unenrolled";
+                    }
+                    Some(StreamSignal::Replaced) => break "the device enrolled again under a new id",
+                    None => break "a newer stream replaced this one",
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > self.interval * 2 {
+                        break "no heartbeat for two intervals";
+                    }
+                    let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
+                    if self.tx.send(outbound(Outbound::Heartbeat(beat))).await.is_err() {
+                        break "the agent stopped reading";
+                    }
+                }
+                () = crate::tls::stopped(&mut self.shutdown) => break "the server is shutting down",
+            }
+        };
+        self.app
+            .live
+            .unregister(&self.device_id, registration.generation);
+        tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
+    }
+
+    fn handle(&self, message: pb::ConnectRequest) {
+        match message.message {
+            Some(Inbound::Heartbeat(_)) => {
+                if let Err(error) = self.app.device_seen(&self.device_id, None) {
+                    tracing::warn!(%error, "cannot record a heartbeat");
+                }
+            }
+            Some(Inbound::Hello(_)) => {
+                tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
+            }
+            Some(other) => {
+                tracing::warn!(device_id = %self.device_id, message = ?std::mem::discriminant(&other), "message ignored until the command stream lands");
+            }
+            None => tracing::warn!(device_id = %self.device_id, "empty message ignored"),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `mdm.v1.DeviceService`.
+
+use std::sync::Arc;
+
+use mdm_proto::v1 as pb;
+use mdm_proto::v1::device_service_server::DeviceService;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, authorize_site, page_size, required_id};
+use crate::app::App;
+use crate::identity;
+
+#[derive(Debug, Clone)]
+pub struct DeviceApi {
+    app: Arc<App>,
+}
+
+impl DeviceApi {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl DeviceService for DeviceApi {
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Rpc<pb::ListDevicesResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let site_id = required_id("site_id", &request.site_id)?;
+        authorize_site(&admin, site_id)?;
+        let platform = match request.platform() {
+            pb::Platform::Unspecified => None,
+            other => Some(convert::platform_from_proto(other)),
+        };
+        let status = convert::device_status_from_proto(request.status());
+        let user = request.user_email.trim().to_ascii_lowercase();
+        let page = self.app.list_devices(
+            site_id,
+            &request.page_token,
+            page_size(request.page_size)?,
+            |device| {
+                platform.is_none_or(|p| device.facts.platform == p)
+                    && status.is_none_or(|s| device.status == s)
+                    && (user.is_empty() || device.user_email == user)
+            },
+        )?;
+        Ok(Response::new(pb::ListDevicesResponse {
+            devices: page
+                .items
+                .into_iter()
+                .map(|d| {
+                    let online = self.app.is_online(&d.device_id);
+                    convert::device(d, online)
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<pb::GetDeviceRequest>,
+    ) -> Rpc<pb::GetDeviceResponse> {
+        let admin = identity::admin(&request)?;
+        let device_id = required_id("device_id", &request.get_ref().device_id)?;
+        let device = self.app.get_device(device_id)?;
+        authorize_site(&admin, &device.site_id)?;
+        let online = self.app.is_online(device_id);
+        Ok(Response::new(pb::GetDeviceResponse {
+            device: Some(convert::device(device, online)),
+        }))
+    }
+
+    async fn unenroll_device(
+        &self,
+        request: Request<pb::UnenrollDeviceRequest>,
+    ) -> Rpc<pb::UnenrollDeviceResponse> {
+        let admin = identity::admin(&request)?;
+        let device_id = required_id("device_id", &request.get_ref().device_id)?;
+        let device = self.app.get_device(device_id)?;
+        authorize_site(&admin, &device.site_id)?;
+        let action = self.app.unenroll_device(device_id, &admin.email).await?;
+        Ok(Response::new(pb::UnenrollDeviceResponse {
+            action: Some(convert::action(action)),
+        }))
+    }
+}

@@ -1,0 +1,318 @@
+//! Self-service enrollment, device certificates (issue, renew, revoke),
+//! and the device list.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use crate::app::App;
+use crate::company_passcode::Refusal;
+use crate::error::{Error, Result};
+use crate::live::StreamSignal;
+use crate::model::{
+    Action, ActionEvent, ActionStatus, ActionType, Device, DeviceFacts, DeviceStatus,
+    IssuedDeviceCert, Millis, now_millis, short_id, time_ordered_id,
+};
+use crate::pki::{CsrError, parse_device_csr};
+use crate::storage::Page;
+
+/// An enrollment as the edge hands it to the domain.
+pub struct EnrollRequest {
+    pub user_email: String,
+    pub company_passcode: Zeroizing<String>,
+    pub csr_pem: String,
+    pub facts: DeviceFacts,
+    pub source: IpAddr,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("user_email", &self.user_email)
+            .field("facts", &self.facts)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A device certificate as sent to the agent.
+#[derive(Debug, Clone)]
+pub struct DeviceCertificate {
+    /// Device certificate, then the CA certificate.
+    pub chain_pem: String,
+    pub ca_pem: String,
+    pub renew_after: Millis,
+    pub expires_at: Millis,
+}
+
+#[derive(Debug)]
+pub struct Enrollment {
+    pub device: Device,
+    pub certificate: DeviceCertificate,
+}
+
+/// Why an enrollment failed; the edge shows one generic refusal for all
+/// but throttling, and logs the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("too many failed attempts from this address; try again later")]
+    Throttled,
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Internal(#[from] Error),
+}
+
+impl From<crate::storage::StorageError> for EnrollError {
+    fn from(error: crate::storage::StorageError) -> Self {
+        EnrollError::Internal(error.into())
+    }
+}
+
+fn millis(duration: Duration) -> Millis {
+    Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
+}
+
+impl App {
+    fn issue_device_certificate(
+        &self,
+        csr_pem: &str,
+        device_id: &str,
+        check_subject: bool,
+    ) -> std::result::Result<(DeviceCertificate, IssuedDeviceCert), CsrError> {
+        let csr = parse_device_csr(csr_pem, check_subject.then_some(device_id))?;
+        let lifetime = time::Duration::milliseconds(millis(self.device_cert_lifetime));
+        let (cert_pem, serial, not_after) = self
+            .ca
+            .issue_device_cert(&csr, device_id, lifetime)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot sign a device certificate");
+                CsrError::Invalid
+            })?;
+        let now = now_millis();
+        let expires_at = (not_after.unix_timestamp_nanos() / 1_000_000) as Millis;
+        // Renew when two thirds of the lifetime have passed.
+        let renew_after = now + (expires_at - now) * 2 / 3;
+        Ok((
+            DeviceCertificate {
+                chain_pem: format!("{cert_pem}{}", self.ca.cert_pem()),
+                ca_pem: self.ca.cert_pem().to_owned(),
+                renew_after,
+                expires_at,
+            },
+            IssuedDeviceCert { serial, expires_at },
+        ))
+    }
+
+    /// Enrolls a device: the passcode names the site, the email must be one
+    /// of its users, the CSR's key becomes the device's identity.
+    pub async fn enroll(
+        &self,
+        request: EnrollRequest,
+    ) -> std::result::Result<Enrollment, EnrollError> {
+        // Check the CSR before the passcode: a broken agent must not burn
+        // the site's failed-attempt budget.
+        parse_device_csr(&request.csr_pem, None)
+            .map_err(|e| EnrollError::Refused(e.to_string()))?;
+        let verified = match self
+            .verify_company_passcode(
+                &request.user_email,
+                &request.company_passcode,
+                request.source,
+            )
+            .await?
+        {
+            Ok(verified) => verified,
+            Err(Refusal::Throttled(_)) => return Err(EnrollError::Throttled),
+            Err(refusal) => return Err(EnrollError::Refused(refusal.to_string())),
+        };
+        let device_id = short_id("dv");
+        let (certificate, issued) = self
+            .issue_device_certificate(&request.csr_pem, &device_id, false)
+            .map_err(|e| EnrollError::Refused(e.to_string()))?;
+        let mut device = Device {
+            device_id: device_id.clone(),
+            site_id: verified.site.site_id.clone(),
+            user_email: verified.user.email.clone(),
+            facts: request.facts,
+            status: DeviceStatus::Active,
+            enrolled_at: now_millis(),
+            last_seen: None,
+            certificates: vec![issued],
+            replaces_device_id: None,
+            replaced_by_device_id: None,
+        };
+        let replaced = self.storage.enroll_device(&mut device)?;
+        if let Some(old) = &replaced {
+            // The old record's stream, if any, must not outlive it.
+            self.live.signal(old, StreamSignal::Replaced);
+        }
+        let now = now_millis();
+        self.storage.update_passcode(&device.site_id, |record| {
+            record.enrollments += 1;
+            record.last_used_at = Some(now);
+            true
+        })?;
+        self.commit().await?;
+        tracing::info!(
+            device_id = %device.device_id,
+            site_id = %device.site_id,
+            user = %device.user_email,
+            source = %request.source,
+            replaced = ?replaced,
+            "device enrolled"
+        );
+        Ok(Enrollment {
+            device,
+            certificate,
+        })
+    }
+
+    /// Issues a fresh certificate for a new CSR of an enrolled device.
+    pub async fn renew_device_certificate(
+        &self,
+        device_id: &str,
+        csr_pem: &str,
+    ) -> Result<DeviceCertificate> {
+        let (certificate, issued) = self
+            .issue_device_certificate(csr_pem, device_id, true)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let now = now_millis();
+        let device = self
+            .storage
+            .update_device(device_id, |device| {
+                if device.status != DeviceStatus::Active {
+                    return false;
+                }
+                // Keep the newest and the one before it: the agent may still
+                // be using the old one until it reconnects.
+                device.certificates.retain(|c| c.expires_at > now);
+                device.certificates.insert(0, issued);
+                device.certificates.truncate(2);
+                true
+            })?
+            .filter(|d| d.status == DeviceStatus::Active)
+            .ok_or_else(|| Error::Unauthenticated("the device is not enrolled".into()))?;
+        self.commit().await?;
+        tracing::info!(device_id = %device.device_id, "device certificate renewed");
+        Ok(certificate)
+    }
+
+    /// Whether `serial` is a current certificate of an active device.
+    pub fn device_certificate_valid(&self, device_id: &str, serial: &str) -> Result<bool> {
+        Ok(self
+            .storage
+            .get_device(device_id)?
+            .is_some_and(|d| d.accepts_certificate(serial, now_millis())))
+    }
+
+    pub fn get_device(&self, device_id: &str) -> Result<Device> {
+        self.storage
+            .get_device(device_id)?
+            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))
+    }
+
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.live.is_online(device_id)
+    }
+
+    pub fn list_devices(
+        &self,
+        site_id: &str,
+        page_token: &str,
+        page_size: usize,
+        keep: impl Fn(&Device) -> bool,
+    ) -> Result<Page<Device>> {
+        self.site(site_id)?;
+        Ok(self
+            .storage
+            .list_devices(site_id, page_token, page_size, keep)?)
+    }
+
+    /// Records that the device's agent was heard from, with fresh facts.
+    pub fn device_seen(&self, device_id: &str, facts: Option<DeviceFacts>) -> Result<()> {
+        let now = now_millis();
+        self.storage.update_device(device_id, |device| {
+            device.last_seen = Some(now);
+            if let Some(facts) = facts {
+                device.facts = facts;
+            }
+            true
+        })?;
+        Ok(())
+    }
+
+    /// Unenrolls a device: its certificates stop working at once, its open
+    /// stream is told to remove the agent's identity and is closed, and the
+    /// action is recorded in the action log.
+    pub async fn unenroll_device(&self, device_id: &str, admin_email: &str) -> Result<Action> {
+        let current = self.get_device(device_id)?;
+        if current.status != DeviceStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "device {device_id} is not enrolled (status {:?})",
+                current.status
+            )));
+        }
+        let device = self
+            .storage
+            .update_device(device_id, |device| {
+                let active = device.status == DeviceStatus::Active;
+                if active {
+                    device.status = DeviceStatus::Unenrolled;
+                }
+                active
+            })?
+            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))?;
+        let now = now_millis();
+        let mut action = Action {
+            action_id: time_ordered_id(),
+            site_id: device.site_id.clone(),
+            device_id: device.device_id.clone(),
+            action_type: ActionType::Unenroll,
+            status: ActionStatus::Pending,
+            created_by: admin_email.to_owned(),
+            created_at: now,
+            updated_at: now,
+            timeline: vec![ActionEvent {
+                status: ActionStatus::Pending,
+                at: now,
+                detail: "certificate revoked".into(),
+            }],
+            failure_reason: String::new(),
+        };
+        let told = self.live.signal(
+            device_id,
+            StreamSignal::Unenrolled {
+                action_id: action.action_id.clone(),
+            },
+        );
+        let detail = if told {
+            "the agent was told on its open stream to remove its identity"
+        } else {
+            "the agent is offline; its next connection is refused and it removes its identity"
+        };
+        if told {
+            action.timeline.push(ActionEvent {
+                status: ActionStatus::Sent,
+                at: now,
+                detail: "unenroll command sent".into(),
+            });
+        }
+        action.timeline.push(ActionEvent {
+            status: ActionStatus::Succeeded,
+            at: now,
+            detail: detail.into(),
+        });
+        action.status = ActionStatus::Succeeded;
+        self.storage.put_action(&action)?;
+        self.commit().await?;
+        tracing::info!(
+            device_id,
+            admin = admin_email,
+            online = told,
+            "device unenrolled"
+        );
+        Ok(action)
+    }
+}

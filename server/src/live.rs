@@ -1,0 +1,82 @@
+//! Which devices have a live `Connect` stream, and a way to reach each one.
+//! A new stream for a device replaces the old one: dropping the old
+//! sender makes the old stream end.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+/// Something the server tells a live stream out of band.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamSignal {
+    /// The device was unenrolled: tell the agent, then close.
+    Unenrolled { action_id: String },
+    /// The device enrolled again under a new id: close.
+    Replaced,
+}
+
+#[derive(Debug, Default)]
+pub struct LiveStreams {
+    next: AtomicU64,
+    streams: Mutex<HashMap<String, (u64, mpsc::Sender<StreamSignal>)>>,
+}
+
+/// A registered stream: its generation and where its signals arrive.
+#[derive(Debug)]
+pub struct Registration {
+    pub generation: u64,
+    pub signals: mpsc::Receiver<StreamSignal>,
+}
+
+impl LiveStreams {
+    pub fn register(&self, device_id: &str) -> Registration {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(8);
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams
+            .insert(device_id.to_owned(), (generation, tx))
+            .is_some()
+        {
+            tracing::info!(device_id, "a new stream replaces the open one");
+        }
+        Registration {
+            generation,
+            signals: rx,
+        }
+    }
+
+    /// Removes the stream if it is still the registered one.
+    pub fn unregister(&self, device_id: &str, generation: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams
+            .get(device_id)
+            .is_some_and(|(g, _)| *g == generation)
+        {
+            streams.remove(device_id);
+        }
+    }
+
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(device_id)
+    }
+
+    /// Sends a signal to the device's stream; false when it has none.
+    pub fn signal(&self, device_id: &str, signal: StreamSignal) -> bool {
+        let sender = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device_id)
+            .map(|(_, tx)| tx.clone());
+        sender.is_some_and(|tx| tx.try_send(signal).is_ok())
+    }
+
+    pub fn count(&self) -> usize {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
