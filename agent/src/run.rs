@@ -1,0 +1,221 @@
+//! `mdm-agent run`: keep a stream to the server open, renew the device
+//! certificate before it expires, obey unenroll, reconnect with backoff.
+
+use std::time::Duration;
+
+use mdm_proto::v1 as pb;
+use mdm_proto::v1::agent_service_client::AgentServiceClient;
+use mdm_proto::v1::connect_request::Message as Outbound;
+use mdm_proto::v1::connect_response::Message as Inbound;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::backend::Backend;
+use crate::client;
+use crate::enroll::{key_and_csr, millis_of};
+use crate::state::{Identity, StateDir};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+pub struct RunOptions {
+    pub state: StateDir,
+    pub backend: Box<dyn Backend>,
+    pub serial_override: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// An admin unenrolled the device; its identity is gone.
+    Unenrolled,
+    /// Asked to stop.
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("this device is not enrolled; run `mdm-agent enroll` first")]
+    NotEnrolled,
+    #[error("the device certificate expired while the agent was away; enroll again")]
+    Expired,
+    #[error("cannot use the state dir: {0}")]
+    State(#[from] std::io::Error),
+}
+
+enum SessionEnd {
+    Unenrolled,
+    RenewDue,
+    Stopped,
+    Failed(Status),
+}
+
+fn now_millis() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// An UNAUTHENTICATED answer naming revocation: the server no longer knows us.
+fn is_revoked(status: &Status) -> bool {
+    status.code() == Code::Unauthenticated
+        && (status.message().contains("revoked") || status.message().contains("not enrolled"))
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: FIRST_BACKOFF }
+    }
+    fn reset(&mut self) {
+        self.next = FIRST_BACKOFF;
+    }
+    fn next_delay(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::rng().random_range(0..=millis))
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+pub async fn run(options: RunOptions, mut stop: watch::Receiver<bool>) -> Result<RunOutcome, RunError> {
+    let mut backoff = Backoff::new();
+    loop {
+        let identity = options.state.load()?.ok_or(RunError::NotEnrolled)?;
+        if now_millis() >= identity.expires_at {
+            return Err(RunError::Expired);
+        }
+        let ca = options.state.ca_pem()?;
+        let cert = options.state.cert_pem()?;
+        let key = options.state.key_pem()?;
+        let end = match client::channel(&identity.server, &ca, Some((&cert, &key))).await {
+            Err(error) => SessionEnd::Failed(Status::unavailable(error.to_string())),
+            Ok(channel) if now_millis() >= identity.renew_after => {
+                match renew(channel, &options.state, &identity).await {
+                    Ok(()) => SessionEnd::RenewDue,
+                    Err(status) => SessionEnd::Failed(status),
+                }
+            }
+            Ok(channel) => session(channel, &identity, &options, &mut backoff, &mut stop).await,
+        };
+        match end {
+            SessionEnd::Unenrolled => {
+                options.state.wipe()?;
+                tracing::warn!("this device was unenrolled by an administrator; its identity is removed");
+                return Ok(RunOutcome::Unenrolled);
+            }
+            SessionEnd::Stopped => return Ok(RunOutcome::Stopped),
+            SessionEnd::RenewDue => continue,
+            SessionEnd::Failed(status) if is_revoked(&status) => {
+                options.state.wipe()?;
+                tracing::warn!(reason = status.message(), "the server revoked this device; its identity is removed");
+                return Ok(RunOutcome::Unenrolled);
+            }
+            SessionEnd::Failed(status) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(code = ?status.code(), reason = status.message(), ?delay, "connection lost; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stopped(&mut stop) => return Ok(RunOutcome::Stopped),
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the key and certificate with fresh ones.
+async fn renew(channel: Channel, state: &StateDir, identity: &Identity) -> Result<(), Status> {
+    let (key_pem, csr_pem) = key_and_csr(&identity.device_id).map_err(Status::internal)?;
+    let response = AgentServiceClient::new(channel)
+        .renew_certificate(pb::RenewCertificateRequest { csr_pem })
+        .await?
+        .into_inner();
+    let renewed = Identity {
+        renew_after: millis_of(response.renew_after.as_ref()),
+        expires_at: millis_of(response.expires_at.as_ref()),
+        ..identity.clone()
+    };
+    let ca = state.ca_pem().map_err(|e| Status::internal(e.to_string()))?;
+    state
+        .save(&renewed, &key_pem, &response.certificate_chain_pem, &ca)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    tracing::info!(expires_at = renewed.expires_at, "device certificate renewed");
+    Ok(())
+}
+
+fn message(message: Outbound) -> pb::ConnectRequest {
+    pb::ConnectRequest {
+        message: Some(message),
+    }
+}
+
+async fn session(
+    channel: Channel,
+    identity: &Identity,
+    options: &RunOptions,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let (tx, rx) = mpsc::channel(16);
+    let hello = pb::AgentHello {
+        facts: Some(crate::facts::collect(options.serial_override.as_deref(), options.backend.capabilities())),
+        compliance: None,
+    };
+    let _ = tx.send(message(Outbound::Hello(hello))).await;
+    let mut inbound = match AgentServiceClient::new(channel).connect(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return SessionEnd::Failed(status),
+    };
+    tracing::info!(device_id = %identity.device_id, server = %identity.server, "connected");
+    backoff.reset();
+    let renew_in = Duration::from_millis(u64::try_from(identity.renew_after - now_millis()).unwrap_or(0));
+    let renew_at = tokio::time::Instant::now() + renew_in;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            received = inbound.message() => match received {
+                Ok(Some(pb::ConnectResponse { message: Some(message) })) => match message {
+                    Inbound::Hello(hello) => {
+                        if let Some(interval) = hello.heartbeat_interval {
+                            let interval = Duration::new(
+                                u64::try_from(interval.seconds).unwrap_or(30),
+                                u32::try_from(interval.nanos).unwrap_or(0),
+                            );
+                            if !interval.is_zero() {
+                                heartbeat = tokio::time::interval(interval);
+                            }
+                        }
+                    }
+                    Inbound::Heartbeat(_) => {}
+                    Inbound::Command(command) if command.r#type() == pb::ActionType::Unenroll => {
+                        return SessionEnd::Unenrolled;
+                    }
+                    Inbound::Command(command) => {
+                        tracing::warn!(command_id = %command.command_id, kind = ?command.r#type(), "command not supported by this agent version");
+                    }
+                    Inbound::Policy(_) => {}
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => return SessionEnd::Failed(Status::unavailable("the server closed the stream")),
+                Err(status) => return SessionEnd::Failed(status),
+            },
+            _ = heartbeat.tick() => {
+                let beat = pb::Heartbeat { sent_at: None };
+                if tx.send(message(Outbound::Heartbeat(beat))).await.is_err() {
+                    return SessionEnd::Failed(Status::unavailable("the stream closed"));
+                }
+            }
+            () = tokio::time::sleep_until(renew_at) => return SessionEnd::RenewDue,
+            () = stopped(stop) => return SessionEnd::Stopped,
+        }
+    }
+}
