@@ -23,7 +23,9 @@ pub enum ClientError {
     Fetch { server: String, message: String },
     #[error("--ca-fingerprint must look like sha256:64HEXDIGITS")]
     BadFingerprint,
-    #[error("the server at {0} did not present a CA with that fingerprint; check the fingerprint with your administrator")]
+    #[error(
+        "the server at {0} did not present a CA with that fingerprint; check the fingerprint with your administrator"
+    )]
     FingerprintMismatch(String),
 }
 
@@ -35,12 +37,19 @@ pub fn host_of(server: &str) -> Result<String, ClientError> {
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(ClientError::BadServer(server.to_owned()));
     }
-    Ok(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned())
 }
 
 /// A channel to `server` that trusts only `ca_pem`, presenting the device
 /// identity when given.
-pub async fn channel(server: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> Result<Channel, ClientError> {
+pub async fn channel(
+    server: &str,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, ClientError> {
     let host = host_of(server)?;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
@@ -85,7 +94,10 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// Connects once, accepting whatever chain the server shows, and returns
 /// (as PEM) the certificate in it whose SHA-256 is `expected`. Everything
 /// after this verifies the server properly against that CA.
-pub async fn fetch_ca_by_fingerprint(server: &str, expected: [u8; 32]) -> Result<String, ClientError> {
+pub async fn fetch_ca_by_fingerprint(
+    server: &str,
+    expected: [u8; 32],
+) -> Result<String, ClientError> {
     let host = host_of(server)?;
     let capture = Arc::new(CaptureChain::default());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -102,16 +114,23 @@ pub async fn fetch_ca_by_fingerprint(server: &str, expected: [u8; 32]) -> Result
         server: server.to_owned(),
         message,
     };
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(server))
-        .await
-        .map_err(|_| fetch("timed out".into()))?
-        .map_err(|e| fetch(e.to_string()))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(server),
+    )
+    .await
+    .map_err(|_| fetch("timed out".into()))?
+    .map_err(|e| fetch(e.to_string()))?;
     let name = ServerName::try_from(host).map_err(|e| fetch(e.to_string()))?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .map_err(|e| fetch(e.to_string()))?;
-    let chain = capture.chain.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let chain = capture
+        .chain
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     chain
         .iter()
         .find(|der| Sha256::digest(der.as_ref()).as_slice() == expected)
@@ -120,7 +139,8 @@ pub async fn fetch_ca_by_fingerprint(server: &str, expected: [u8; 32]) -> Result
 }
 
 fn pem_of(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der.to_vec()), config)
 }
 
 /// Accepts any chain and remembers it; used only to find the CA by fingerprint.

@@ -50,7 +50,9 @@ pub enum EnrollError {
     },
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("enrollment refused: check your email and the company passcode, or ask your administrator")]
+    #[error(
+        "enrollment refused: check your email and the company passcode, or ask your administrator"
+    )]
     Refused,
     #[error("too many failed attempts from this address; wait a minute and try again")]
     Throttled,
@@ -73,7 +75,8 @@ pub fn millis_of(timestamp: Option<&prost_types::Timestamp>) -> i64 {
 /// A fresh ECDSA P-256 key and a CSR for it, naming `common_name`.
 pub fn key_and_csr(common_name: &str) -> Result<(Zeroizing<String>, String), String> {
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, common_name);
@@ -89,10 +92,12 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
         return Err(EnrollError::AlreadyEnrolled(existing.device_id));
     }
     let ca_pem = match &options.ca {
-        CaSource::File(path) => std::fs::read_to_string(path).map_err(|source| EnrollError::CaFile {
-            path: path.display().to_string(),
-            source,
-        })?,
+        CaSource::File(path) => {
+            std::fs::read_to_string(path).map_err(|source| EnrollError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?
+        }
         CaSource::Fingerprint(text) => {
             let expected = client::parse_fingerprint(text)?;
             client::fetch_ca_by_fingerprint(&options.server, expected).await?
@@ -100,7 +105,10 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
     };
     let (key_pem, csr_pem) = key_and_csr("mdm-agent").map_err(EnrollError::Key)?;
     let channel = client::channel(&options.server, &ca_pem, None).await?;
-    let facts = crate::facts::collect(options.serial_override.as_deref(), options.backend.capabilities());
+    let facts = crate::facts::collect(
+        options.serial_override.as_deref(),
+        options.backend.capabilities(),
+    );
     let request = pb::EnrollRequest {
         user_email: options.email.clone(),
         company_passcode: options.passcode.as_str().to_owned(),
@@ -133,7 +141,12 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
     };
     options
         .state
-        .save(&identity, &key_pem, &response.certificate_chain_pem, &ca_to_keep)
+        .save(
+            &identity,
+            &key_pem,
+            &response.certificate_chain_pem,
+            &ca_to_keep,
+        )
         .map_err(EnrollError::State)?;
     Ok(identity)
 }

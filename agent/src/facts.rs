@@ -4,7 +4,10 @@ use mdm_proto::v1 as pb;
 
 /// Collects the device's facts; `serial_override` replaces the hardware
 /// serial (VMs and containers often have none, or share one).
-pub fn collect(serial_override: Option<&str>, capabilities: Vec<pb::DeviceCapability>) -> pb::DeviceFacts {
+pub fn collect(
+    serial_override: Option<&str>,
+    capabilities: Vec<pb::DeviceCapability>,
+) -> pb::DeviceFacts {
     pb::DeviceFacts {
         platform: platform().into(),
         os_version: os_version(),
@@ -39,11 +42,14 @@ fn read_trimmed(path: &str) -> Option<String> {
 }
 
 fn os_version() -> String {
-    if let Some(release) = std::fs::read_to_string("/etc/os-release").ok().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-            .map(|v| v.trim_matches('"').to_owned())
-    }) {
+    if let Some(release) = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+    {
         return release;
     }
     std::env::consts::OS.to_owned()

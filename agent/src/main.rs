@@ -11,7 +11,11 @@ use mdm_agent::state::StateDir;
 use zeroize::Zeroizing;
 
 #[derive(Debug, Parser)]
-#[command(name = "mdm-agent", version, about = "MDM device agent: enroll this device and keep it managed.")]
+#[command(
+    name = "mdm-agent",
+    version,
+    about = "MDM device agent: enroll this device and keep it managed."
+)]
 struct Cli {
     /// Where the agent keeps its identity and key [default: per OS, e.g. /var/lib/mdm-agent].
     #[arg(long, global = true, env = "MDM_AGENT_STATE_DIR", value_name = "DIR")]
@@ -36,7 +40,12 @@ struct EnrollArgs {
     #[arg(long, value_name = "HOST:PORT")]
     server: String,
     /// The server's CA certificate (PEM), as your administrator shared it.
-    #[arg(long, value_name = "FILE", conflicts_with = "ca_fingerprint", required_unless_present = "ca_fingerprint")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "ca_fingerprint",
+        required_unless_present = "ca_fingerprint"
+    )]
     ca: Option<PathBuf>,
     /// The SHA-256 fingerprint of the server's CA, sha256:HEX.
     #[arg(long, value_name = "sha256:HEX")]
@@ -75,13 +84,21 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             use clap::error::ErrorKind;
-            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = error.print();
                 return ExitCode::SUCCESS;
             }
             let rendered = error.to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("mdm-agent: {} (see --help)", first.trim_start_matches("error: "));
+            eprintln!(
+                "mdm-agent: {} (see --help)",
+                first.trim_start_matches("error: ")
+            );
             return ExitCode::from(64);
         }
     };
@@ -135,7 +152,10 @@ fn read_passcode(from_stdin: bool) -> Result<Zeroizing<String>, String> {
                 .to_owned(),
         )
     } else {
-        return Err("no company passcode: use --passcode-stdin, MDM_COMPANY_PASSCODE or a terminal prompt".into());
+        return Err(
+            "no company passcode: use --passcode-stdin, MDM_COMPANY_PASSCODE or a terminal prompt"
+                .into(),
+        );
     };
     if passcode.is_empty() {
         return Err("the company passcode is empty".into());
@@ -188,7 +208,10 @@ fn status(state: &StateDir) -> Result<ExitCode, String> {
     let time = |millis: i64| {
         time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
             .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_else(|| millis.to_string())
     };
     println!("device_id:    {}", identity.device_id);
@@ -230,7 +253,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

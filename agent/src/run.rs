@@ -70,7 +70,9 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Self {
-        Self { next: FIRST_BACKOFF }
+        Self {
+            next: FIRST_BACKOFF,
+        }
     }
     fn reset(&mut self) {
         self.next = FIRST_BACKOFF;
@@ -87,7 +89,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-pub async fn run(options: RunOptions, mut stop: watch::Receiver<bool>) -> Result<RunOutcome, RunError> {
+pub async fn run(
+    options: RunOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<RunOutcome, RunError> {
     let mut backoff = Backoff::new();
     loop {
         let identity = options.state.load()?.ok_or(RunError::NotEnrolled)?;
@@ -110,14 +115,19 @@ pub async fn run(options: RunOptions, mut stop: watch::Receiver<bool>) -> Result
         match end {
             SessionEnd::Unenrolled => {
                 options.state.wipe()?;
-                tracing::warn!("this device was unenrolled by an administrator; its identity is removed");
+                tracing::warn!(
+                    "this device was unenrolled by an administrator; its identity is removed"
+                );
                 return Ok(RunOutcome::Unenrolled);
             }
             SessionEnd::Stopped => return Ok(RunOutcome::Stopped),
             SessionEnd::RenewDue => continue,
             SessionEnd::Failed(status) if is_revoked(&status) => {
                 options.state.wipe()?;
-                tracing::warn!(reason = status.message(), "the server revoked this device; its identity is removed");
+                tracing::warn!(
+                    reason = status.message(),
+                    "the server revoked this device; its identity is removed"
+                );
                 return Ok(RunOutcome::Unenrolled);
             }
             SessionEnd::Failed(status) => {
@@ -144,11 +154,16 @@ async fn renew(channel: Channel, state: &StateDir, identity: &Identity) -> Resul
         expires_at: millis_of(response.expires_at.as_ref()),
         ..identity.clone()
     };
-    let ca = state.ca_pem().map_err(|e| Status::internal(e.to_string()))?;
+    let ca = state
+        .ca_pem()
+        .map_err(|e| Status::internal(e.to_string()))?;
     state
         .save(&renewed, &key_pem, &response.certificate_chain_pem, &ca)
         .map_err(|e| Status::internal(e.to_string()))?;
-    tracing::info!(expires_at = renewed.expires_at, "device certificate renewed");
+    tracing::info!(
+        expires_at = renewed.expires_at,
+        "device certificate renewed"
+    );
     Ok(())
 }
 
@@ -167,17 +182,24 @@ async fn session(
 ) -> SessionEnd {
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::AgentHello {
-        facts: Some(crate::facts::collect(options.serial_override.as_deref(), options.backend.capabilities())),
+        facts: Some(crate::facts::collect(
+            options.serial_override.as_deref(),
+            options.backend.capabilities(),
+        )),
         compliance: None,
     };
     let _ = tx.send(message(Outbound::Hello(hello))).await;
-    let mut inbound = match AgentServiceClient::new(channel).connect(ReceiverStream::new(rx)).await {
+    let mut inbound = match AgentServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+    {
         Ok(response) => response.into_inner(),
         Err(status) => return SessionEnd::Failed(status),
     };
     tracing::info!(device_id = %identity.device_id, server = %identity.server, "connected");
     backoff.reset();
-    let renew_in = Duration::from_millis(u64::try_from(identity.renew_after - now_millis()).unwrap_or(0));
+    let renew_in =
+        Duration::from_millis(u64::try_from(identity.renew_after - now_millis()).unwrap_or(0));
     let renew_at = tokio::time::Instant::now() + renew_in;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     loop {

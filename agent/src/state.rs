@@ -99,7 +99,13 @@ impl StateDir {
 
     /// Saves a new or renewed identity: key and certificate first, the
     /// identity file last, each replaced atomically.
-    pub fn save(&self, identity: &Identity, key_pem: &str, cert_pem: &str, ca_pem: &str) -> std::io::Result<()> {
+    pub fn save(
+        &self,
+        identity: &Identity,
+        key_pem: &str,
+        cert_pem: &str,
+        ca_pem: &str,
+    ) -> std::io::Result<()> {
         create_private_dir(&self.root)?;
         write_atomic(&self.key_path(), key_pem.as_bytes(), true)?;
         write_atomic(&self.cert_path(), cert_pem.as_bytes(), false)?;
@@ -112,7 +118,12 @@ impl StateDir {
 
     /// Removes the identity, key and certificates (after an unenroll).
     pub fn wipe(&self) -> std::io::Result<()> {
-        for path in [self.identity_path(), self.key_path(), self.cert_path(), self.ca_path()] {
+        for path in [
+            self.identity_path(),
+            self.key_path(),
+            self.cert_path(),
+            self.ca_path(),
+        ] {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -127,7 +138,9 @@ impl StateDir {
 fn is_root() -> bool {
     // The effective uid is not in std; /proc/self is owned by it on Linux.
     use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 #[cfg(not(unix))]

@@ -93,13 +93,20 @@ fn print_first_start(
     } else {
         config.listen.ip().to_string()
     };
+    let ca_path = first.owner_credential.join("ca.crt");
+    let fingerprint = std::fs::read_to_string(&ca_path)
+        .ok()
+        .and_then(|pem| mdm_server::pki::fingerprint(&pem))
+        .unwrap_or_default();
     println!(
         "First start: created {} with a new CA and an owner credential for {}.\n\
          Owner credential: {}\n\
+         CA for agents: {} ({fingerprint})\n\
          Next step, list the API with grpcurl:\n  {} {host}:{port} list",
         config.data_dir.display(),
         first.owner_email,
         first.owner_credential.display(),
+        ca_path.display(),
         mdm_server::admin_cli::grpcurl_flags(&first.owner_credential),
     );
 }

@@ -318,3 +318,17 @@ impl CertificateAuthority {
         Ok((cert.pem(), serial_hex, params.not_after))
     }
 }
+
+/// `sha256:HEX` of the first certificate in `pem`, what
+/// `mdm-agent enroll --ca-fingerprint` takes.
+pub fn fingerprint(pem: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let der: rustls::pki_types::CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+            .next()?
+            .ok()?;
+    Some(format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(der.as_ref()))
+    ))
+}

@@ -225,6 +225,183 @@ impl Drop for TestServer {
     }
 }
 
+/// The real `mdm-agent` binary: `MDM_AGENT_BIN` (set by `cargo xtask
+/// test`), else built once here with cargo.
+pub fn agent_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("MDM_AGENT_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "mdm-agent", "--bin", "mdm-agent"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building mdm-agent failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug/mdm-agent")
+    })
+    .clone()
+}
+
+/// A real `mdm-agent` process with its own state dir and serial number.
+pub struct TestAgent {
+    pub state_dir: PathBuf,
+    pub serial: String,
+    _temp: tempfile::TempDir,
+}
+
+impl Default for TestAgent {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestAgent {
+    pub fn new() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let serial = format!(
+            "SERIAL-{}",
+            temp.path().file_name().unwrap().to_string_lossy()
+        );
+        Self::with_serial(temp, &serial)
+    }
+
+    fn with_serial(temp: tempfile::TempDir, serial: &str) -> Self {
+        Self {
+            state_dir: temp.path().join("state"),
+            serial: serial.to_owned(),
+            _temp: temp,
+        }
+    }
+
+    /// Another agent that claims the same hardware serial (a re-install).
+    pub fn same_hardware_as(other: &TestAgent) -> Self {
+        Self::with_serial(tempfile::tempdir().unwrap(), &other.serial)
+    }
+
+    fn command(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(agent_bin());
+        command
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .env("MDM_DEVICE_SERIAL", &self.serial)
+            .env_remove("MDM_COMPANY_PASSCODE")
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// `mdm-agent enroll` with the passcode on stdin.
+    pub async fn enroll(&self, server: &TestServer, email: &str, passcode: &str) -> Output {
+        self.enroll_with(server, email, passcode, &[]).await
+    }
+
+    pub async fn enroll_with(
+        &self,
+        server: &TestServer,
+        email: &str,
+        passcode: &str,
+        extra: &[&str],
+    ) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut child = self
+            .command()
+            .arg("enroll")
+            .arg("--server")
+            .arg(format!("localhost:{}", server.addr.port()))
+            .arg("--ca")
+            .arg(server.data_dir.join("pki/ca.crt"))
+            .arg("--email")
+            .arg(email)
+            .arg("--passcode-stdin")
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{passcode}\n").as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("enroll finishes")
+            .unwrap()
+    }
+
+    pub async fn status(&self) -> Output {
+        self.command().arg("status").output().await.unwrap()
+    }
+
+    /// Starts `mdm-agent run`; the process dies with the handle.
+    pub fn run(&self) -> tokio::process::Child {
+        self.command()
+            .args(["run", "--backend", "simulated"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The agent's identity file, when it has one.
+    pub fn identity(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.state_dir.join("identity.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn device_id(&self) -> String {
+        self.identity().unwrap()["device_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// A site with one user and a fresh company passcode: (site id, passcode).
+pub async fn site_with_passcode(
+    server: &TestServer,
+    email: &str,
+    failed_attempt_limit: u32,
+) -> (String, String) {
+    let channel = server.admin_channel(&server.owner()).await;
+    let mut sites = pb::site_service_client::SiteServiceClient::new(channel.clone());
+    let site = sites
+        .create_site(pb::CreateSiteRequest {
+            display_name: "Test site".into(),
+            failed_attempt_limit,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .site
+        .unwrap();
+    pb::user_service_client::UserServiceClient::new(channel)
+        .create_user(pb::CreateUserRequest {
+            site_id: site.site_id.clone(),
+            email: email.into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap();
+    let passcode = sites
+        .generate_company_passcode(pb::GenerateCompanyPasscodeRequest {
+            site_id: site.site_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .passcode;
+    (site.site_id, passcode)
+}
+
 /// Where `cargo xtask test` installed grpcurl. Missing grpcurl fails the
 /// test when tools are required (always under `cargo xtask test` and CI).
 pub fn grpcurl_path() -> PathBuf {

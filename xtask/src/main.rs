@@ -85,12 +85,21 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
+    // The end-to-end tests drive the real agent binary.
+    run(
+        "cargo build -p mdm-agent",
+        cargo().args(["build", "-p", "mdm-agent", "--bin", "mdm-agent"]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
     run(
         "cargo test --workspace",
         cargo()
             .args(["test", "--workspace"])
             .args(extra)
-            .env("MDM_GRPCURL", &tools.grpcurl),
+            .env("MDM_GRPCURL", &tools.grpcurl)
+            .env("MDM_AGENT_BIN", target.join("debug/mdm-agent")),
     )
 }
 
