@@ -234,6 +234,14 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     accept.abort();
+    // tonic returns once every connection has let go of its shutdown signal,
+    // which can be a moment before the task drops its handle on the services.
+    // Wait for those handles so the database is closed when `run` returns and
+    // a restart in the same process can open it again.
+    let released = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Arc::strong_count(&app) > 1 && tokio::time::Instant::now() < released {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     storage.flush()?;
     tracing::info!("stopped; storage flushed");
     result.map_err(ServerError::from)

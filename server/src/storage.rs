@@ -46,6 +46,10 @@ pub enum StorageError {
     Corrupt(String),
     #[error("page_token is not one this list returned")]
     BadPageToken,
+    #[error(
+        "the database at {0} is in use by another process; is another mdm-server running on this data dir?"
+    )]
+    Locked(String),
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -166,10 +170,28 @@ impl Storage {
     }
 
     fn open_unchecked(path: &Path) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()?;
+        // sled's background threads keep the file lock for a moment after
+        // the last handle is dropped (after first-start creation, or a
+        // restart in one process); a lock held longer is another process.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .flush_every_ms(Some(500))
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(error))
+                    if error.to_string().contains("could not acquire lock") =>
+                {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StorageError::Locked(path.display().to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         Ok(Self {
             meta: db.open_tree("meta")?,
             sites: db.open_tree("sites")?,

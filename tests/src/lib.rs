@@ -75,26 +75,36 @@ impl TestServer {
         let task = tokio::spawn(mdm_server::run(listener, config, async move {
             let _ = rx.await;
         }));
-        let server = Self {
+        let mut server = Self {
             addr,
             data_dir,
             _temp: None,
             shutdown: Some(tx),
             task: Some(task),
         };
-        server.wait_serving().await;
+        server.wait_serving().await?;
         Ok(server)
     }
 
-    async fn wait_serving(&self) {
+    /// Waits until the server accepts connections, or returns why it stopped.
+    async fn wait_serving(&mut self) -> Result<(), mdm_server::server::ServerError> {
         let addr = self.addr;
-        eventually("server accepts connections", || async move {
-            tokio::net::TcpStream::connect(addr)
-                .await
-                .is_ok()
-                .then_some(())
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let task = self.task.take().unwrap();
+                task.await.expect("server task did not panic")?;
+                panic!("the server stopped right after starting");
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the server gracefully and waits for it; keeps the data dir

@@ -85,11 +85,8 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
-    // The end-to-end tests drive the real agent binary.
-    run(
-        "cargo build -p mdm-agent",
-        cargo().args(["build", "-p", "mdm-agent", "--bin", "mdm-agent"]),
-    )?;
+    // The end-to-end tests drive the real agent binary, which `cargo test
+    // --workspace` builds (for the agent's own CLI tests) before any test runs.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
