@@ -6,5 +6,6 @@ pub mod backend;
 pub mod client;
 pub mod enroll;
 pub mod facts;
+pub mod journal;
 pub mod run;
 pub mod state;

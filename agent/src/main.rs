@@ -170,7 +170,8 @@ async fn enroll(args: EnrollArgs, state: StateDir) -> Result<ExitCode, String> {
         (None, Some(fingerprint)) => CaSource::Fingerprint(fingerprint),
         (None, None) => return Err("give --ca FILE or --ca-fingerprint sha256:HEX".into()),
     };
-    let backend = mdm_agent::backend::by_name(&args.device.backend).ok_or("unknown backend")?;
+    let backend =
+        mdm_agent::backend::by_name(&args.device.backend, state.root()).ok_or("unknown backend")?;
     let identity = mdm_agent::enroll::enroll(EnrollOptions {
         server: args.server,
         ca,
@@ -226,7 +227,8 @@ fn status(state: &StateDir) -> Result<ExitCode, String> {
 }
 
 async fn run(args: RunArgs, state: StateDir) -> Result<ExitCode, String> {
-    let backend = mdm_agent::backend::by_name(&args.device.backend).ok_or("unknown backend")?;
+    let backend =
+        mdm_agent::backend::by_name(&args.device.backend, state.root()).ok_or("unknown backend")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -235,7 +237,7 @@ async fn run(args: RunArgs, state: StateDir) -> Result<ExitCode, String> {
     let outcome = mdm_agent::run::run(
         RunOptions {
             state,
-            backend,
+            backend: std::sync::Arc::from(backend),
             serial_override: args.device.device_serial,
         },
         stop_rx,

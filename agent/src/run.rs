@@ -1,6 +1,7 @@
 //! `mdm-agent run`: keep a stream to the server open, renew the device
 //! certificate before it expires, obey unenroll, reconnect with backoff.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mdm_proto::v1 as pb;
@@ -13,9 +14,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Task};
 use crate::client;
 use crate::enroll::{key_and_csr, millis_of};
+use crate::journal::{Journal, Outcome, Stage};
 use crate::state::{Identity, StateDir};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -24,7 +26,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct RunOptions {
     pub state: StateDir,
-    pub backend: Box<dyn Backend>,
+    pub backend: Arc<dyn Backend>,
     pub serial_override: Option<String>,
 }
 
@@ -94,6 +96,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<RunOutcome, RunError> {
     let mut backoff = Backoff::new();
+    let journal = Arc::new(Mutex::new(Journal::open(options.state.root())?));
     loop {
         let identity = options.state.load()?.ok_or(RunError::NotEnrolled)?;
         if now_millis() >= identity.expires_at {
@@ -110,7 +113,17 @@ pub async fn run(
                     Err(status) => SessionEnd::Failed(status),
                 }
             }
-            Ok(channel) => session(channel, &identity, &options, &mut backoff, &mut stop).await,
+            Ok(channel) => {
+                session(
+                    channel,
+                    &identity,
+                    &options,
+                    &journal,
+                    &mut backoff,
+                    &mut stop,
+                )
+                .await
+            }
         };
         match end {
             SessionEnd::Unenrolled => {
@@ -177,10 +190,19 @@ async fn session(
     channel: Channel,
     identity: &Identity,
     options: &RunOptions,
+    journal: &Arc<Mutex<Journal>>,
     backoff: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(64);
+    // Commands are applied one at a time, in order, off the stream loop.
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    tokio::spawn(worker(
+        work_rx,
+        tx.clone(),
+        options.backend.clone(),
+        journal.clone(),
+    ));
     let hello = pb::AgentHello {
         facts: Some(crate::facts::collect(
             options.serial_override.as_deref(),
@@ -222,7 +244,7 @@ async fn session(
                         return SessionEnd::Unenrolled;
                     }
                     Inbound::Command(command) => {
-                        tracing::warn!(command_id = %command.command_id, kind = ?command.r#type(), "command not supported by this agent version");
+                        let _ = work_tx.send(command);
                     }
                     Inbound::Policy(_) => {}
                 },
@@ -239,5 +261,147 @@ async fn session(
             () = tokio::time::sleep_until(renew_at) => return SessionEnd::RenewDue,
             () = stopped(stop) => return SessionEnd::Stopped,
         }
+    }
+}
+
+fn journal_record(journal: &Mutex<Journal>, command_id: &str, stage: Stage) -> std::io::Result<()> {
+    journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .record(command_id, stage)
+}
+
+fn failed(code: pb::FailureCode, message: impl Into<String>) -> Outcome {
+    Outcome {
+        succeeded: false,
+        failure_code: code.into(),
+        message: message.into(),
+        steps: Vec::new(),
+    }
+}
+
+/// Applies commands in order: store (then acknowledge), apply through the
+/// backend, store the outcome, report it. A command seen before is never
+/// applied again; its stored outcome is reported again instead.
+async fn worker(
+    mut commands: mpsc::UnboundedReceiver<pb::Command>,
+    tx: mpsc::Sender<pb::ConnectRequest>,
+    backend: Arc<dyn Backend>,
+    journal: Arc<Mutex<Journal>>,
+) {
+    while let Some(command) = commands.recv().await {
+        let id = command.command_id.clone();
+        let stage = journal.lock().unwrap_or_else(|p| p.into_inner()).stage(&id);
+        let outcome = match stage {
+            Some(Stage::Done(outcome)) => outcome,
+            Some(Stage::Applying) => {
+                let outcome = failed(
+                    pb::FailureCode::Internal,
+                    "the agent stopped while applying this command; it was not applied again",
+                );
+                if journal_record(&journal, &id, Stage::Done(outcome.clone())).is_err() {
+                    continue;
+                }
+                outcome
+            }
+            Some(Stage::Received) | None => {
+                if let Err(error) = journal_record(&journal, &id, Stage::Received) {
+                    tracing::error!(%error, "cannot store a command; not acknowledged");
+                    continue;
+                }
+                let _ = tx
+                    .send(message(Outbound::Ack(pb::CommandAck {
+                        command_id: id.clone(),
+                    })))
+                    .await;
+                let outcome = apply(&command, &backend, &journal, &tx).await;
+                if let Err(error) = journal_record(&journal, &id, Stage::Done(outcome.clone())) {
+                    tracing::error!(%error, "cannot store a command outcome");
+                }
+                if std::env::var_os("MDM_SIMULATED_EXIT_BEFORE_RESULT").is_some()
+                    && backend.name() == "simulated"
+                {
+                    // Fault injection for tests: die between applying and reporting.
+                    std::process::exit(3);
+                }
+                outcome
+            }
+        };
+        for step in &outcome.steps {
+            let progress = pb::CommandProgress {
+                command_id: id.clone(),
+                step: step.clone(),
+            };
+            let _ = tx.send(message(Outbound::Progress(progress))).await;
+        }
+        let result = pb::CommandResult {
+            command_id: id.clone(),
+            succeeded: outcome.succeeded,
+            failure_code: outcome.failure_code,
+            message: outcome.message.clone(),
+        };
+        if tx.send(message(Outbound::Result(result))).await.is_err() {
+            tracing::info!(command_id = %id, "result kept; it is sent after reconnecting");
+        }
+    }
+}
+
+async fn apply(
+    command: &pb::Command,
+    backend: &Arc<dyn Backend>,
+    journal: &Arc<Mutex<Journal>>,
+    tx: &mpsc::Sender<pb::ConnectRequest>,
+) -> Outcome {
+    let id = command.command_id.clone();
+    if millis_of(command.expires_at.as_ref()) < now_millis() {
+        return failed(
+            pb::FailureCode::Expired,
+            "the command expired before it reached the device",
+        );
+    }
+    let task = match &command.payload {
+        Some(pb::command::Payload::Lock(lock)) => Task::Lock {
+            message: lock.message.clone(),
+        },
+        _ => {
+            return failed(
+                pb::FailureCode::Unsupported,
+                "this agent does not know this command",
+            );
+        }
+    };
+    if let Err(error) = journal_record(journal, &id, Stage::Applying) {
+        return failed(
+            pb::FailureCode::Internal,
+            format!("cannot store the command: {error}"),
+        );
+    }
+    let started = pb::CommandProgress {
+        command_id: id.clone(),
+        step: "started".into(),
+    };
+    let _ = tx.send(message(Outbound::Progress(started))).await;
+    let backend = backend.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        let mut steps = Vec::new();
+        let result = backend.apply(&id, &task, &mut |step| steps.push(step.to_owned()));
+        (result, steps)
+    })
+    .await;
+    match applied {
+        Ok((Ok(()), steps)) => Outcome {
+            succeeded: true,
+            failure_code: pb::FailureCode::Unspecified.into(),
+            message: "done".into(),
+            steps,
+        },
+        Ok((Err(failure), steps)) => Outcome {
+            steps,
+            ..failed(failure.code, failure.message)
+        },
+        Err(error) => failed(
+            pb::FailureCode::Internal,
+            format!("the backend crashed: {error}"),
+        ),
     }
 }

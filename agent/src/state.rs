@@ -159,7 +159,7 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut options = OpenOptions::new();

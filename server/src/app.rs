@@ -19,6 +19,8 @@ use crate::throttle::Throttle;
 
 /// Alert subscribers that fall this far behind miss alerts (they can re-list).
 const ALERT_CHANNEL_CAPACITY: usize = 1024;
+/// Action watchers that fall this far behind are dropped.
+const ACTION_CHANNEL_CAPACITY: usize = 4096;
 
 #[derive(Debug)]
 pub struct App {
@@ -31,6 +33,8 @@ pub struct App {
     pub(crate) device_cert_lifetime: std::time::Duration,
     pub(crate) heartbeat_interval: std::time::Duration,
     pub(crate) live: LiveStreams,
+    /// Every change of an action, for `WatchActions`.
+    pub(crate) action_updates: broadcast::Sender<crate::model::Action>,
 }
 
 impl App {
@@ -52,6 +56,7 @@ impl App {
             device_cert_lifetime: config.device_cert_lifetime,
             heartbeat_interval: config.heartbeat_interval,
             live: LiveStreams::default(),
+            action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
         }
     }
 
@@ -61,6 +66,11 @@ impl App {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// Every change of an action as it happens.
+    pub fn subscribe_actions(&self) -> broadcast::Receiver<crate::model::Action> {
+        self.action_updates.subscribe()
     }
 
     /// New security alerts as they are raised.

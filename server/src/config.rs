@@ -131,6 +131,8 @@ pub struct Config {
     pub device_cert_lifetime: Duration,
     /// How often each side of an agent stream sends a heartbeat.
     pub heartbeat_interval: Duration,
+    /// How often expired commands are looked for.
+    pub expiry_interval: Duration,
 }
 
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -177,6 +179,7 @@ impl Config {
             throttle: Default::default(),
             device_cert_lifetime: DEFAULT_DEVICE_CERT_LIFETIME,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            expiry_interval: Duration::from_secs(1),
         }
     }
 }
@@ -272,6 +275,7 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
                 .transpose()
                 .map_err(|e| ConfigError(format!("config file: heartbeat_interval {e}")))?)
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
+        expiry_interval: Duration::from_secs(1),
     })
 }
 

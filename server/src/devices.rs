@@ -280,6 +280,9 @@ impl App {
                 detail: "certificate revoked".into(),
             }],
             failure_reason: String::new(),
+            failure_code: None,
+            expires_at: 0,
+            payload: None,
         };
         let told = self.live.signal(
             device_id,

@@ -6,6 +6,7 @@ pub mod admin_cli;
 pub mod admins;
 pub mod api;
 pub mod app;
+pub mod commands;
 pub mod company_passcode;
 pub mod config;
 pub mod crypto;

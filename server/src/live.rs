@@ -15,6 +15,8 @@ pub enum StreamSignal {
     Unenrolled { action_id: String },
     /// The device enrolled again under a new id: close.
     Replaced,
+    /// A command was queued for the device: send it.
+    NewCommand { action_id: String },
 }
 
 #[derive(Debug, Default)]

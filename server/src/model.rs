@@ -271,7 +271,52 @@ pub struct ActionEvent {
     pub detail: String,
 }
 
-/// A security action on a device, with its status history.
+impl ActionStatus {
+    /// Final: no further transition.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            ActionStatus::Succeeded
+                | ActionStatus::Failed
+                | ActionStatus::Expired
+                | ActionStatus::Canceled
+        )
+    }
+
+    /// Position in the forward progression; transitions never go back.
+    pub fn rank(self) -> u8 {
+        match self {
+            ActionStatus::Pending => 0,
+            ActionStatus::Sent => 1,
+            ActionStatus::Acknowledged => 2,
+            ActionStatus::InProgress => 3,
+            ActionStatus::Succeeded
+            | ActionStatus::Failed
+            | ActionStatus::Expired
+            | ActionStatus::Canceled => 4,
+        }
+    }
+}
+
+/// Why an action failed, as the agent (or the server) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureCode {
+    Unsupported,
+    Permission,
+    Policy,
+    Internal,
+    Expired,
+}
+
+/// What the device is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandPayload {
+    Lock { message: String },
+    Unenroll,
+}
+
+/// A security action on a device, with its status history. Actions that
+/// go to the device are also its commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Action {
     pub action_id: String,
@@ -284,4 +329,37 @@ pub struct Action {
     pub updated_at: Millis,
     pub timeline: Vec<ActionEvent>,
     pub failure_reason: String,
+    #[serde(default)]
+    pub failure_code: Option<FailureCode>,
+    /// After this moment the command is not applied; 0 when it never went to a device.
+    #[serde(default)]
+    pub expires_at: Millis,
+    #[serde(default)]
+    pub payload: Option<CommandPayload>,
+}
+
+impl Action {
+    /// Moves to `status` with a timeline entry; refuses to go backwards or
+    /// to leave a final status. Returns whether anything changed.
+    pub fn advance(&mut self, status: ActionStatus, detail: impl Into<String>, at: Millis) -> bool {
+        if self.status.is_terminal() || status.rank() < self.status.rank() {
+            return false;
+        }
+        if status == self.status && status != ActionStatus::InProgress {
+            return false;
+        }
+        self.status = status;
+        self.updated_at = at;
+        self.timeline.push(ActionEvent {
+            status,
+            at,
+            detail: detail.into(),
+        });
+        true
+    }
+
+    /// Whether the command still waits in the device's queue.
+    pub fn is_queued(&self) -> bool {
+        self.payload.is_some() && !self.status.is_terminal()
+    }
 }

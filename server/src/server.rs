@@ -193,6 +193,26 @@ pub async fn run(
     }
     tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "serving");
 
+    // Commands whose time ran out are expired in the background.
+    let expiry = {
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        let every = config.expiry_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(error) = app.expire_due_commands().await {
+                            tracing::error!(%error, "expiring commands failed");
+                        }
+                    }
+                    () = tls::stopped(&mut stop) => return,
+                }
+            }
+        })
+    };
+
     let signal = {
         let stop_tx = stop_tx.clone();
         let health_reporter = health_reporter.clone();
@@ -234,6 +254,7 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     accept.abort();
+    let _ = expiry.await;
     // tonic returns once every connection has let go of its shutdown signal,
     // which can be a moment before the task drops its handle on the services.
     // Wait for those handles so the database is closed when `run` returns and

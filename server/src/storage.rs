@@ -125,12 +125,72 @@ pub struct Storage {
     site_actions: sled::Tree,
     /// device_id \0 action_id -> ()
     device_actions: sled::Tree,
+    /// device_id \0 action_id -> () for commands not yet final, in order
+    device_queue: sled::Tree,
+    /// expires_at (8 bytes, big endian) action_id -> () for commands not yet final
+    action_expiry: sled::Tree,
+    /// Serialises read-modify-write of actions.
+    actions_lock: Arc<Mutex<()>>,
+    commit: Arc<GroupCommit>,
     /// Serialises changes to devices and their indexes.
     devices_lock: Arc<Mutex<()>>,
     /// Serialises changes to users and their indexes.
     users_lock: Arc<Mutex<()>>,
     /// Serialises changes to company passcode records.
     passcode_lock: Arc<Mutex<()>>,
+}
+
+/// Group commit: callers take tickets, one flusher serves them in rounds.
+#[derive(Debug)]
+struct GroupCommit {
+    state: Mutex<CommitState>,
+    /// (highest ticket flushed, highest ticket whose flush failed)
+    done: tokio::sync::watch::Sender<(u64, Option<u64>)>,
+}
+
+#[derive(Debug, Default)]
+struct CommitState {
+    requested: u64,
+    flushing: bool,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            done: tokio::sync::watch::channel((0, None)).0,
+        }
+    }
+}
+
+impl GroupCommit {
+    fn flush_loop(&self, db: &sled::Db) {
+        loop {
+            let target = {
+                let mut state = hold_commit(&self.state);
+                let flushed = self.done.borrow().0;
+                if state.requested == flushed {
+                    state.flushing = false;
+                    return;
+                }
+                state.requested
+            };
+            let result = db.flush();
+            if let Err(error) = &result {
+                tracing::error!(%error, "flushing the database failed");
+            }
+            self.done.send_modify(|(flushed, failed)| {
+                *flushed = target;
+                if result.is_err() {
+                    *failed = Some(target);
+                }
+            });
+        }
+    }
+}
+
+fn hold_commit(lock: &Mutex<CommitState>) -> MutexGuard<'_, CommitState> {
+    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn hold(lock: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -208,6 +268,10 @@ impl Storage {
             actions: db.open_tree("actions")?,
             site_actions: db.open_tree("site_actions")?,
             device_actions: db.open_tree("device_actions")?,
+            device_queue: db.open_tree("device_queue")?,
+            action_expiry: db.open_tree("action_expiry")?,
+            actions_lock: Arc::default(),
+            commit: Arc::default(),
             devices_lock: Arc::default(),
             users_lock: Arc::default(),
             passcode_lock: Arc::default(),
@@ -221,15 +285,39 @@ impl Storage {
         Ok(())
     }
 
-    /// Makes every write so far durable without blocking the runtime.
-    /// (sled's own `flush_async` is known to deadlock; a blocking flush on
-    /// the blocking pool is not.)
+    /// Makes every write this caller made so far durable, without blocking
+    /// the runtime. Concurrent callers share flushes (group commit): one
+    /// flusher runs at a time, and each flush covers every caller that
+    /// arrived before it started. (sled's own `flush_async` is known to
+    /// deadlock; a blocking flush on the blocking pool is not.)
     pub async fn flush_async(&self) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StorageError::Corrupt(format!("flush task failed: {e}")))??;
-        Ok(())
+        let ticket = {
+            let mut state = hold_commit(&self.commit.state);
+            state.requested += 1;
+            let ticket = state.requested;
+            if !state.flushing {
+                state.flushing = true;
+                let db = self.db.clone();
+                let commit = self.commit.clone();
+                tokio::task::spawn_blocking(move || commit.flush_loop(&db));
+            }
+            ticket
+        };
+        let mut done = self.commit.done.subscribe();
+        loop {
+            let (flushed, failed) = *done.borrow_and_update();
+            if flushed >= ticket {
+                return match failed {
+                    Some(at) if at >= ticket => Err(StorageError::Corrupt(
+                        "flushing the database failed; see the log".into(),
+                    )),
+                    _ => Ok(()),
+                };
+            }
+            if done.changed().await.is_err() {
+                return Err(StorageError::Corrupt("the flusher stopped".into()));
+            }
+        }
     }
 
     // ---- sites ----
@@ -584,15 +672,85 @@ impl Storage {
 
     // ---- actions ----
 
-    /// Stores an action (new or changed); indexes before the record.
+    /// Stores an action (new or changed). Indexes that list it are written
+    /// before the record; the queue and expiry entries of a final action are
+    /// removed after it, so a crash leaves at most an entry readers skip.
     pub fn put_action(&self, action: &Action) -> Result<(), StorageError> {
+        let queue_key = key2(&action.device_id, &action.action_id);
+        let mut expiry_key = action.expires_at.to_be_bytes().to_vec();
+        expiry_key.extend_from_slice(action.action_id.as_bytes());
         self.site_actions
             .insert(key2(&action.site_id, &action.action_id), &[])?;
-        self.device_actions
-            .insert(key2(&action.device_id, &action.action_id), &[])?;
+        self.device_actions.insert(queue_key.as_slice(), &[])?;
+        if action.is_queued() {
+            self.device_queue.insert(queue_key.as_slice(), &[])?;
+            self.action_expiry.insert(expiry_key.as_slice(), &[])?;
+        }
         self.actions
             .insert(action.action_id.as_bytes(), encode(action))?;
+        if !action.is_queued() {
+            self.device_queue.remove(queue_key)?;
+            self.action_expiry.remove(expiry_key)?;
+        }
         Ok(())
+    }
+
+    /// Changes an action under the actions lock; `change` returns false to
+    /// leave it as it was. Returns the action after and whether it changed.
+    pub fn update_action(
+        &self,
+        action_id: &str,
+        change: impl FnOnce(&mut Action) -> bool,
+    ) -> Result<Option<(Action, bool)>, StorageError> {
+        let _guard = hold(&self.actions_lock);
+        let Some(mut action) = self.get_action(action_id)? else {
+            return Ok(None);
+        };
+        let changed = change(&mut action);
+        if changed {
+            self.put_action(&action)?;
+        }
+        Ok(Some((action, changed)))
+    }
+
+    /// Runs `body` holding the actions lock, for changes that span several
+    /// actions (queueing a command and superseding older ones).
+    pub fn with_actions_locked<T>(
+        &self,
+        body: impl FnOnce(&Self) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let _guard = hold(&self.actions_lock);
+        body(self)
+    }
+
+    /// The device's commands that are not final yet, oldest first.
+    pub fn queued_actions(&self, device_id: &str) -> Result<Vec<Action>, StorageError> {
+        let prefix = prefix(device_id);
+        let mut actions = Vec::new();
+        for key in self.device_queue.scan_prefix(&prefix).keys() {
+            let key = key?;
+            let action_id = String::from_utf8_lossy(&key[prefix.len()..]);
+            if let Some(action) = self.get_action(&action_id)?
+                && action.is_queued()
+            {
+                actions.push(action);
+            }
+        }
+        Ok(actions)
+    }
+
+    /// Ids of commands not yet final whose expiry is before `now`.
+    pub fn expired_action_ids(&self, now: Millis) -> Result<Vec<String>, StorageError> {
+        let mut ids = Vec::new();
+        for key in self
+            .action_expiry
+            .range(..now.to_be_bytes().to_vec())
+            .keys()
+        {
+            let key = key?;
+            ids.push(String::from_utf8_lossy(&key[8..]).into_owned());
+        }
+        Ok(ids)
     }
 
     pub fn get_action(&self, action_id: &str) -> Result<Option<Action>, StorageError> {

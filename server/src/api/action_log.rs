@@ -95,6 +95,63 @@ impl ActionLogService for ActionLogApi {
         }))
     }
 
+    async fn cancel_action(
+        &self,
+        request: Request<pb::CancelActionRequest>,
+    ) -> Rpc<pb::CancelActionResponse> {
+        let admin = identity::admin(&request)?;
+        let action_id = required_id("action_id", &request.get_ref().action_id)?;
+        let action = self.app.get_action(action_id)?;
+        authorize_site(&admin, &action.site_id)?;
+        let action = self.app.cancel_action(action_id, &admin.email).await?;
+        Ok(Response::new(pb::CancelActionResponse {
+            action: Some(convert::action(action)),
+        }))
+    }
+
+    async fn watch_actions(
+        &self,
+        request: Request<pb::WatchActionsRequest>,
+    ) -> Rpc<BoxStream<pb::WatchActionsResponse>> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let device_id = (!request.device_id.is_empty())
+            .then(|| required_id("device_id", &request.device_id).map(str::to_owned))
+            .transpose()?;
+        let site_id = match &device_id {
+            Some(device_id) => self.app.get_device(device_id)?.site_id,
+            None => required_id("site_id", &request.site_id)?.to_owned(),
+        };
+        authorize_site(&admin, &site_id)?;
+        self.app.get_site(&site_id)?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = BroadcastStream::new(self.app.subscribe_actions())
+            .filter_map(move |item| {
+                let keep = match &item {
+                    Ok(action) => {
+                        action.site_id == site_id
+                            && device_id.as_ref().is_none_or(|d| &action.device_id == d)
+                    }
+                    Err(_) => true,
+                };
+                async move {
+                    match item {
+                        Ok(action) if keep => Some(Ok(pb::WatchActionsResponse {
+                            action: Some(convert::action(action)),
+                        })),
+                        Ok(_) => None,
+                        Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::resource_exhausted(format!(
+                            "this watcher fell {missed} changes behind and was dropped; list actions and watch again"
+                        )))),
+                    }
+                }
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|stopped| *stopped).await;
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn list_alerts(
         &self,
         request: Request<pb::ListAlertsRequest>,

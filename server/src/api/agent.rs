@@ -1,5 +1,6 @@
 //! `mdm.v1.AgentService`: certificate renewal and the device's stream.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, timestamp};
 use crate::app::App;
+use crate::commands::AgentReport;
 use crate::identity;
 use crate::live::StreamSignal;
 use crate::model::now_millis;
@@ -107,6 +109,7 @@ impl AgentService for AgentApi {
             interval,
             tx,
             shutdown: self.shutdown.clone(),
+            sent: HashSet::new(),
         };
         tokio::spawn(session.run(inbound, registration));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -120,6 +123,8 @@ struct Session {
     interval: Duration,
     tx: mpsc::Sender<Result<pb::ConnectResponse, Status>>,
     shutdown: watch::Receiver<bool>,
+    /// Commands already carried by this stream.
+    sent: HashSet<String>,
 }
 
 impl Session {
@@ -131,41 +136,51 @@ impl Session {
         let mut heartbeat = tokio::time::interval(self.interval);
         heartbeat.tick().await;
         let mut last_heard = Instant::now();
-        let reason = loop {
-            tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(message)) => {
-                        last_heard = Instant::now();
-                        self.handle(message);
+        let reason = match self.push_queued().await {
+            Err(reason) => reason,
+            Ok(()) => loop {
+                tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => {
+                            last_heard = Instant::now();
+                            if let Err(reason) = self.handle(message).await {
+                                break reason;
+                            }
+                        }
+                        Ok(None) => break "the agent closed the stream",
+                        Err(_) => break "the stream broke",
+                    },
+                    signal = registration.signals.recv() => match signal {
+                        Some(StreamSignal::NewCommand { .. }) => {
+                            if let Err(reason) = self.push_queued().await {
+                                break reason;
+                            }
+                        }
+                        Some(StreamSignal::Unenrolled { action_id }) => {
+                            let command = pb::Command {
+                                command_id: action_id,
+                                r#type: pb::ActionType::Unenroll.into(),
+                                expires_at: Some(timestamp(now_millis() + 3_600_000)),
+                                payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
+                            };
+                            let _ = self.tx.send(outbound(Outbound::Command(command))).await;
+                            break "the device was unenrolled";
+                        }
+                        Some(StreamSignal::Replaced) => break "the device enrolled again under a new id",
+                        None => break "a newer stream replaced this one",
+                    },
+                    _ = heartbeat.tick() => {
+                        if last_heard.elapsed() > self.interval * 2 {
+                            break "no heartbeat for two intervals";
+                        }
+                        let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
+                        if self.tx.send(outbound(Outbound::Heartbeat(beat))).await.is_err() {
+                            break "the agent stopped reading";
+                        }
                     }
-                    Ok(None) => break "the agent closed the stream",
-                    Err(_) => break "the stream broke",
-                },
-                signal = registration.signals.recv() => match signal {
-                    Some(StreamSignal::Unenrolled { action_id }) => {
-                        let command = pb::Command {
-                            command_id: action_id,
-                            r#type: pb::ActionType::Unenroll.into(),
-                            expires_at: Some(timestamp(now_millis() + 3_600_000)),
-                            payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
-                        };
-                        let _ = self.tx.send(outbound(Outbound::Command(command))).await;
-                        break "the device was unenrolled";
-                    }
-                    Some(StreamSignal::Replaced) => break "the device enrolled again under a new id",
-                    None => break "a newer stream replaced this one",
-                },
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > self.interval * 2 {
-                        break "no heartbeat for two intervals";
-                    }
-                    let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
-                    if self.tx.send(outbound(Outbound::Heartbeat(beat))).await.is_err() {
-                        break "the agent stopped reading";
-                    }
+                    () = crate::tls::stopped(&mut self.shutdown) => break "the server is shutting down",
                 }
-                () = crate::tls::stopped(&mut self.shutdown) => break "the server is shutting down",
-            }
+            },
         };
         self.app
             .live
@@ -173,20 +188,88 @@ impl Session {
         tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
     }
 
-    fn handle(&self, message: pb::ConnectRequest) {
-        match message.message {
+    /// Sends every queued command this stream has not carried yet.
+    async fn push_queued(&mut self) -> Result<(), &'static str> {
+        let queued = self
+            .app
+            .pending_commands(&self.device_id)
+            .map_err(|error| {
+                tracing::error!(%error, "cannot read the command queue");
+                "the command queue cannot be read"
+            })?;
+        for action in queued {
+            if self.sent.contains(&action.action_id) {
+                continue;
+            }
+            let Some(command) = convert::command(&action) else {
+                continue;
+            };
+            if self
+                .tx
+                .send(outbound(Outbound::Command(command)))
+                .await
+                .is_err()
+            {
+                return Err("the agent stopped reading");
+            }
+            self.sent.insert(action.action_id.clone());
+            if let Err(error) = self.app.mark_sent(&action.action_id).await {
+                tracing::error!(%error, "cannot record a sent command");
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, message: pb::ConnectRequest) -> Result<(), &'static str> {
+        let report = match message.message {
             Some(Inbound::Heartbeat(_)) => {
                 if let Err(error) = self.app.device_seen(&self.device_id, None) {
                     tracing::warn!(%error, "cannot record a heartbeat");
                 }
+                return Ok(());
             }
             Some(Inbound::Hello(_)) => {
                 tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
+                return Ok(());
             }
-            Some(other) => {
-                tracing::warn!(device_id = %self.device_id, message = ?std::mem::discriminant(&other), "message ignored until the command stream lands");
+            Some(Inbound::Compliance(_)) => return Ok(()),
+            Some(Inbound::Ack(ack)) => (ack.command_id, AgentReport::Acknowledged),
+            Some(Inbound::Progress(progress)) => {
+                (progress.command_id, AgentReport::Progress(progress.step))
             }
-            None => tracing::warn!(device_id = %self.device_id, "empty message ignored"),
+            Some(Inbound::Result(result)) => {
+                let report = if result.succeeded {
+                    AgentReport::Succeeded(if result.message.is_empty() {
+                        "done".into()
+                    } else {
+                        result.message
+                    })
+                } else {
+                    AgentReport::Failed {
+                        code: convert::failure_code_from_proto(result.failure_code()),
+                        message: result.message,
+                    }
+                };
+                (result.command_id, report)
+            }
+            None => {
+                tracing::warn!(device_id = %self.device_id, "empty message ignored");
+                return Ok(());
+            }
+        };
+        let (command_id, report) = report;
+        if command_id.len() > 64 {
+            tracing::warn!(device_id = %self.device_id, "report with an oversized command id ignored");
+            return Ok(());
         }
+        if let Err(error) = self
+            .app
+            .agent_report(&self.device_id, &command_id, report)
+            .await
+        {
+            tracing::error!(%error, "cannot record a command report");
+            return Err("a command report cannot be stored");
+        }
+        Ok(())
     }
 }

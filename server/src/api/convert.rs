@@ -7,9 +7,9 @@ use tonic::Status;
 use crate::error::Error;
 use crate::identity::AdminIdentity;
 use crate::model::{
-    Action, ActionStatus, ActionType, Alert, AlertKind, Capability, CompanyPasscodeInfo, Device,
-    DeviceFacts, DeviceStatus, Millis, Notification, NotificationState, PasscodeState, Platform,
-    Site, User,
+    Action, ActionStatus, ActionType, Alert, AlertKind, Capability, CommandPayload,
+    CompanyPasscodeInfo, Device, DeviceFacts, DeviceStatus, FailureCode, Millis, Notification,
+    NotificationState, PasscodeState, Platform, Site, User,
 };
 
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -321,11 +321,78 @@ pub fn action(action: Action) -> pb::Action {
             })
             .collect(),
         failure_reason: action.failure_reason,
-        failure_code: pb::FailureCode::Unspecified.into(),
-        expires_at: None,
+        failure_code: action
+            .failure_code
+            .map_or(pb::FailureCode::Unspecified, failure_code)
+            .into(),
+        expires_at: (action.expires_at > 0).then(|| timestamp(action.expires_at)),
+    }
+}
+
+pub fn failure_code(code: FailureCode) -> pb::FailureCode {
+    match code {
+        FailureCode::Unsupported => pb::FailureCode::Unsupported,
+        FailureCode::Permission => pb::FailureCode::Permission,
+        FailureCode::Policy => pb::FailureCode::Policy,
+        FailureCode::Internal => pb::FailureCode::Internal,
+        FailureCode::Expired => pb::FailureCode::Expired,
+    }
+}
+
+pub fn failure_code_from_proto(code: pb::FailureCode) -> FailureCode {
+    match code {
+        pb::FailureCode::Unsupported => FailureCode::Unsupported,
+        pb::FailureCode::Permission => FailureCode::Permission,
+        pb::FailureCode::Policy => FailureCode::Policy,
+        pb::FailureCode::Expired => FailureCode::Expired,
+        pb::FailureCode::Internal | pb::FailureCode::Unspecified => FailureCode::Internal,
+    }
+}
+
+/// The command an action sends to its device, if it is one.
+pub fn command(action: &Action) -> Option<pb::Command> {
+    let payload = match action.payload.as_ref()? {
+        CommandPayload::Lock { message } => pb::command::Payload::Lock(pb::LockCommand {
+            message: message.clone(),
+        }),
+        CommandPayload::Unenroll => pb::command::Payload::Unenroll(pb::UnenrollCommand {}),
+    };
+    Some(pb::Command {
+        command_id: action.action_id.clone(),
+        r#type: action_type(action.action_type).into(),
+        expires_at: Some(timestamp(action.expires_at)),
+        payload: Some(payload),
+    })
+}
+
+/// A proto duration as a std one; negative or absurd values are refused.
+pub fn duration(
+    field: &str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Status> {
+    match value {
+        None => Ok(None),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            Err(Error::InvalidArgument(format!("{field} must not be negative")).into())
+        }
+        Some(d) => Ok(Some(std::time::Duration::new(
+            u64::try_from(d.seconds).unwrap_or(0),
+            u32::try_from(d.nanos).unwrap_or(0),
+        ))),
     }
 }
 
 pub fn millis_of(timestamp: &Timestamp) -> Millis {
     timestamp.seconds.saturating_mul(1000) + Millis::from(timestamp.nanos / 1_000_000)
+}
+
+/// A lock-screen message: short, printable.
+pub fn lock_message(message: String) -> Result<String, Status> {
+    if message.chars().count() > 500 || message.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(Error::InvalidArgument(
+            "message must be at most 500 printable characters".into(),
+        )
+        .into());
+    }
+    Ok(message)
 }

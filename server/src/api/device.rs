@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, authorize_site, page_size, required_id};
 use crate::app::App;
 use crate::identity;
+use crate::model::{ActionType, CommandPayload};
 
 #[derive(Debug, Clone)]
 pub struct DeviceApi {
@@ -73,6 +74,32 @@ impl DeviceService for DeviceApi {
         let online = self.app.is_online(device_id);
         Ok(Response::new(pb::GetDeviceResponse {
             device: Some(convert::device(device, online)),
+        }))
+    }
+
+    async fn lock_device(
+        &self,
+        request: Request<pb::LockDeviceRequest>,
+    ) -> Rpc<pb::LockDeviceResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let device_id = required_id("device_id", &request.device_id)?;
+        let device = self.app.get_device(device_id)?;
+        authorize_site(&admin, &device.site_id)?;
+        let message = convert::lock_message(request.message)?;
+        let ttl = convert::duration("ttl", request.ttl)?;
+        let action = self
+            .app
+            .queue_command(
+                device_id,
+                &admin.email,
+                ActionType::Lock,
+                CommandPayload::Lock { message },
+                ttl,
+            )
+            .await?;
+        Ok(Response::new(pb::LockDeviceResponse {
+            action: Some(convert::action(action)),
         }))
     }
 

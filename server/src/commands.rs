@@ -1,0 +1,299 @@
+//! Commands: actions that go to a device. Queued durably per device,
+//! delivered at least once over the device's stream, advanced by what the
+//! agent reports, expired in the background, canceled or superseded.
+
+use std::time::Duration;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::live::StreamSignal;
+use crate::model::{
+    Action, ActionEvent, ActionStatus, ActionType, CommandPayload, DeviceStatus, FailureCode,
+    Millis, now_millis, time_ordered_id,
+};
+
+pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_COMMAND_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Why an older lock or reset was canceled.
+pub const SUPERSEDED: &str = "SUPERSEDED";
+
+/// What an agent reported about one of its commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentReport {
+    Acknowledged,
+    Progress(String),
+    Succeeded(String),
+    Failed { code: FailureCode, message: String },
+}
+
+fn supersedes(kind: ActionType) -> bool {
+    matches!(kind, ActionType::Lock | ActionType::ResetPasscode)
+}
+
+impl App {
+    /// Queues a command for a device, durably, and pokes its stream.
+    pub async fn queue_command(
+        &self,
+        device_id: &str,
+        admin_email: &str,
+        action_type: ActionType,
+        payload: CommandPayload,
+        ttl: Option<Duration>,
+    ) -> Result<Action> {
+        let ttl = ttl.unwrap_or(DEFAULT_COMMAND_TTL);
+        if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
+            return Err(Error::InvalidArgument(format!(
+                "ttl must be between 1 second and {} days",
+                MAX_COMMAND_TTL.as_secs() / 86_400
+            )));
+        }
+        let device = self.get_device(device_id)?;
+        if device.status != DeviceStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "device {device_id} is not enrolled (status {:?})",
+                device.status
+            )));
+        }
+        if let Some(capability) = device
+            .facts
+            .capabilities
+            .iter()
+            .find(|c| c.action == action_type)
+            && !capability.supported
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "device {device_id} cannot perform {action_type:?}: {}",
+                if capability.reason.is_empty() {
+                    "its agent says it is not supported"
+                } else {
+                    &capability.reason
+                }
+            )));
+        }
+        let now = now_millis();
+        let action = Action {
+            action_id: time_ordered_id(),
+            site_id: device.site_id.clone(),
+            device_id: device.device_id.clone(),
+            action_type,
+            status: ActionStatus::Pending,
+            created_by: admin_email.to_owned(),
+            created_at: now,
+            updated_at: now,
+            timeline: vec![ActionEvent {
+                status: ActionStatus::Pending,
+                at: now,
+                detail: "queued".into(),
+            }],
+            failure_reason: String::new(),
+            failure_code: None,
+            expires_at: now
+                .saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX)),
+            payload: Some(payload),
+        };
+        let superseded = self.storage.with_actions_locked(|storage| {
+            let mut superseded = Vec::new();
+            if supersedes(action_type) {
+                for mut older in storage.queued_actions(device_id)? {
+                    if supersedes(older.action_type)
+                        && older.status == ActionStatus::Pending
+                        && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
+                    {
+                        older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
+                        storage.put_action(&older)?;
+                        superseded.push(older);
+                    }
+                }
+            }
+            storage.put_action(&action)?;
+            Ok(superseded)
+        })?;
+        self.commit().await?;
+        for older in superseded {
+            self.publish(older);
+        }
+        self.publish(action.clone());
+        self.live.signal(
+            device_id,
+            StreamSignal::NewCommand {
+                action_id: action.action_id.clone(),
+            },
+        );
+        tracing::info!(action_id = %action.action_id, device_id, kind = ?action_type, admin = admin_email, "command queued");
+        Ok(action)
+    }
+
+    /// Tells watchers about a changed action.
+    pub(crate) fn publish(&self, action: Action) {
+        let _ = self.action_updates.send(action);
+    }
+
+    /// The device's commands still to deliver or finish, oldest first.
+    pub fn pending_commands(&self, device_id: &str) -> Result<Vec<Action>> {
+        Ok(self.storage.queued_actions(device_id)?)
+    }
+
+    pub fn get_action(&self, action_id: &str) -> Result<Action> {
+        self.storage
+            .get_action(action_id)?
+            .ok_or_else(|| Error::NotFound(format!("action {action_id:?} does not exist")))
+    }
+
+    /// Records that the command went out on the device's stream.
+    pub async fn mark_sent(&self, action_id: &str) -> Result<()> {
+        let now = now_millis();
+        let updated = self.storage.update_action(action_id, |action| {
+            action.status == ActionStatus::Pending
+                && action.advance(ActionStatus::Sent, "sent to the device", now)
+        })?;
+        if let Some((action, true)) = updated {
+            self.commit().await?;
+            self.publish(action);
+        }
+        Ok(())
+    }
+
+    /// Applies what the agent of `device_id` reported about `action_id`.
+    /// Reports about other devices' or unknown commands are ignored.
+    pub async fn agent_report(
+        &self,
+        device_id: &str,
+        action_id: &str,
+        report: AgentReport,
+    ) -> Result<()> {
+        let now = now_millis();
+        let mut wrong_device = false;
+        let updated = self.storage.update_action(action_id, |action| {
+            if action.device_id != device_id {
+                wrong_device = true;
+                return false;
+            }
+            if action.status.is_terminal() {
+                if action.status == ActionStatus::Canceled {
+                    // Record what the device says happened after the cancel.
+                    action.timeline.push(ActionEvent {
+                        status: action.status,
+                        at: now,
+                        detail: format!("reported after cancel: {report:?}"),
+                    });
+                    return matches!(
+                        report,
+                        AgentReport::Succeeded(_) | AgentReport::Failed { .. }
+                    );
+                }
+                return false;
+            }
+            match &report {
+                AgentReport::Acknowledged => {
+                    action.advance(ActionStatus::Acknowledged, "stored by the agent", now)
+                }
+                AgentReport::Progress(step) => {
+                    action.advance(ActionStatus::InProgress, step.clone(), now)
+                }
+                AgentReport::Succeeded(message) => {
+                    action.advance(ActionStatus::Succeeded, message.clone(), now)
+                }
+                AgentReport::Failed { code, message } => {
+                    let status = if *code == FailureCode::Expired {
+                        ActionStatus::Expired
+                    } else {
+                        ActionStatus::Failed
+                    };
+                    let changed = action.advance(status, message.clone(), now);
+                    if changed {
+                        action.failure_code = Some(*code);
+                        action.failure_reason = message.clone();
+                    }
+                    changed
+                }
+            }
+        })?;
+        match updated {
+            None => tracing::warn!(
+                device_id,
+                action_id,
+                "report about an unknown command ignored"
+            ),
+            Some(_) if wrong_device => {
+                tracing::warn!(
+                    device_id,
+                    action_id,
+                    "report about another device's command ignored"
+                );
+            }
+            Some((action, true)) => {
+                self.commit().await?;
+                self.publish(action);
+            }
+            Some((_, false)) => {}
+        }
+        Ok(())
+    }
+
+    /// Cancels a command the device has not acknowledged yet.
+    pub async fn cancel_action(&self, action_id: &str, admin_email: &str) -> Result<Action> {
+        let now = now_millis();
+        let mut refused = None;
+        let updated = self.storage.update_action(action_id, |action| {
+            if !matches!(action.status, ActionStatus::Pending | ActionStatus::Sent)
+                || action.payload.is_none()
+            {
+                refused = Some(action.status);
+                return false;
+            }
+            action.failure_reason = format!("canceled by {admin_email}");
+            action.advance(
+                ActionStatus::Canceled,
+                format!("canceled by {admin_email}"),
+                now,
+            )
+        })?;
+        let (action, _) = updated
+            .ok_or_else(|| Error::NotFound(format!("action {action_id:?} does not exist")))?;
+        if let Some(status) = refused {
+            return Err(Error::FailedPrecondition(format!(
+                "action {action_id} is {status:?}; only an action the device has not acknowledged can be canceled"
+            )));
+        }
+        self.commit().await?;
+        self.publish(action.clone());
+        Ok(action)
+    }
+
+    /// Expires every command whose time ran out before the device took it.
+    pub async fn expire_due_commands(&self) -> Result<usize> {
+        let now = now_millis();
+        let mut expired = Vec::new();
+        for action_id in self.storage.expired_action_ids(now)? {
+            let updated = self.storage.update_action(&action_id, |action| {
+                if action.expires_at > now {
+                    return false;
+                }
+                let changed =
+                    action.advance(ActionStatus::Expired, "not applied before its expiry", now);
+                if changed {
+                    action.failure_code = Some(FailureCode::Expired);
+                    action.failure_reason = "expired before the device applied it".into();
+                }
+                changed
+            })?;
+            if let Some((action, true)) = updated {
+                expired.push(action);
+            } else {
+                // Final already: only its expiry entry was left; put_action tidies it.
+                if let Some(action) = self.storage.get_action(&action_id)? {
+                    self.storage.put_action(&action)?;
+                }
+            }
+        }
+        if !expired.is_empty() {
+            self.commit().await?;
+        }
+        let count = expired.len();
+        for action in expired {
+            tracing::info!(action_id = %action.action_id, device_id = %action.device_id, "command expired");
+            self.publish(action);
+        }
+        Ok(count)
+    }
+}
