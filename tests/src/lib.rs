@@ -57,6 +57,18 @@ impl TestServer {
         server
     }
 
+    /// A handle on a server running elsewhere (a [`ServerProcess`]), for its
+    /// clients and helpers.
+    pub fn attach(port: u16, data_dir: &Path) -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            shutdown: None,
+            task: None,
+        }
+    }
+
     /// Starts a server on `data_dir` (created on first start).
     pub async fn start_in(data_dir: &Path) -> Result<Self, mdm_server::server::ServerError> {
         Self::start_with(mdm_server::Config::for_data_dir(data_dir)).await
@@ -258,6 +270,85 @@ pub fn agent_bin() -> PathBuf {
     .clone()
 }
 
+/// The real `mdm-server` binary: `MDM_SERVER_BIN` (set by `cargo xtask
+/// test`), else built once here with cargo.
+pub fn server_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("MDM_SERVER_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "mdm-server",
+                "--bin",
+                "mdm-server",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building mdm-server failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug/mdm-server")
+    })
+    .clone()
+}
+
+/// The server as a separate process, for tests that kill it.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Starts `mdm-server serve` on `data_dir` and waits until it listens.
+    pub async fn start(data_dir: &Path, port: u16) -> Self {
+        let child = tokio::process::Command::new(server_bin())
+            .args(["serve", "--heartbeat-interval", "1s", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // It listens before it creates its data dir on a first start: wait for both.
+        let owner_key = data_dir.join("credentials/owner/admin.key");
+        eventually("the server process listens", || {
+            let ready = owner_key.exists();
+            async move {
+                let listening = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok();
+                (ready && listening).then_some(())
+            }
+        })
+        .await;
+        Self { child, port }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A real `mdm-agent` process with its own state dir and serial number.
 pub struct TestAgent {
     pub state_dir: PathBuf,
@@ -294,7 +385,7 @@ impl TestAgent {
         Self::with_serial(tempfile::tempdir().unwrap(), &other.serial)
     }
 
-    fn command(&self) -> tokio::process::Command {
+    pub fn command(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(agent_bin());
         command
             .arg("--state-dir")
@@ -306,9 +397,10 @@ impl TestAgent {
         command
     }
 
-    /// `mdm-agent enroll` with the passcode on stdin.
+    /// `mdm-agent enroll` with the passcode on stdin (simulated backend).
     pub async fn enroll(&self, server: &TestServer, email: &str, passcode: &str) -> Output {
-        self.enroll_with(server, email, passcode, &[]).await
+        self.enroll_with(server, email, passcode, &["--backend", "simulated"])
+            .await
     }
 
     pub async fn enroll_with(
@@ -318,14 +410,27 @@ impl TestAgent {
         passcode: &str,
         extra: &[&str],
     ) -> Output {
+        self.enroll_at(server.addr.port(), &server.data_dir, email, passcode, extra)
+            .await
+    }
+
+    /// `mdm-agent enroll` against the server on loopback `port` whose data dir is `data_dir`.
+    pub async fn enroll_at(
+        &self,
+        port: u16,
+        data_dir: &Path,
+        email: &str,
+        passcode: &str,
+        extra: &[&str],
+    ) -> Output {
         use tokio::io::AsyncWriteExt;
         let mut child = self
             .command()
             .arg("enroll")
             .arg("--server")
-            .arg(format!("localhost:{}", server.addr.port()))
+            .arg(format!("localhost:{port}"))
             .arg("--ca")
-            .arg(server.data_dir.join("pki/ca.crt"))
+            .arg(data_dir.join("pki/ca.crt"))
             .arg("--email")
             .arg(email)
             .arg("--passcode-stdin")
@@ -359,6 +464,24 @@ impl TestAgent {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    /// What the simulated device looks like now.
+    pub fn simulated(&self) -> serde_json::Value {
+        std::fs::read(self.state_dir.join("simulated.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::json!({"locked": false, "applied": []}))
+    }
+
+    /// Ids of the commands the simulated device applied, in order.
+    pub fn applied(&self) -> Vec<String> {
+        self.simulated()["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// The agent's identity file, when it has one.

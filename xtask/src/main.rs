@@ -96,7 +96,8 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(extra)
             .env("MDM_GRPCURL", &tools.grpcurl)
-            .env("MDM_AGENT_BIN", target.join("debug/mdm-agent")),
+            .env("MDM_AGENT_BIN", target.join("debug/mdm-agent"))
+            .env("MDM_SERVER_BIN", target.join("debug/mdm-server")),
     )
 }
 
