@@ -224,18 +224,21 @@ async fn session(
         Duration::from_millis(u64::try_from(identity.renew_after - now_millis()).unwrap_or(0));
     let renew_at = tokio::time::Instant::now() + renew_in;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    let mut interval = Duration::from_secs(30);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             received = inbound.message() => match received {
-                Ok(Some(pb::ConnectResponse { message: Some(message) })) => match message {
+                Ok(Some(pb::ConnectResponse { message: Some(message) })) => { last_heard = tokio::time::Instant::now(); match message {
                     Inbound::Hello(hello) => {
-                        if let Some(interval) = hello.heartbeat_interval {
-                            let interval = Duration::new(
-                                u64::try_from(interval.seconds).unwrap_or(30),
-                                u32::try_from(interval.nanos).unwrap_or(0),
+                        if let Some(announced) = hello.heartbeat_interval {
+                            let announced = Duration::new(
+                                u64::try_from(announced.seconds).unwrap_or(30),
+                                u32::try_from(announced.nanos).unwrap_or(0),
                             );
-                            if !interval.is_zero() {
-                                heartbeat = tokio::time::interval(interval);
+                            if !announced.is_zero() {
+                                heartbeat = tokio::time::interval(announced);
+                                interval = announced;
                             }
                         }
                     }
@@ -247,12 +250,16 @@ async fn session(
                         let _ = work_tx.send(command);
                     }
                     Inbound::Policy(_) => {}
-                },
+                }},
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Failed(Status::unavailable("the server closed the stream")),
                 Err(status) => return SessionEnd::Failed(status),
             },
             _ = heartbeat.tick() => {
+                // A server silent for two intervals is gone: reconnect.
+                if last_heard.elapsed() > interval * 2 {
+                    return SessionEnd::Failed(Status::unavailable("no heartbeat from the server for two intervals"));
+                }
                 let beat = pb::Heartbeat { sent_at: None };
                 if tx.send(message(Outbound::Heartbeat(beat))).await.is_err() {
                     return SessionEnd::Failed(Status::unavailable("the stream closed"));

@@ -209,6 +209,13 @@ impl TestServer {
             .await
     }
 
+    /// A channel that presents `agent`'s device certificate.
+    pub async fn device_channel(&self, agent: &TestAgent) -> Channel {
+        let cert = std::fs::read_to_string(agent.state_dir.join("device.crt")).unwrap();
+        let key = std::fs::read_to_string(agent.state_dir.join("device.key")).unwrap();
+        self.channel(Some((&cert, &key))).await
+    }
+
     pub fn target(&self) -> String {
         format!("localhost:{}", self.addr.port())
     }

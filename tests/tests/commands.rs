@@ -469,3 +469,72 @@ async fn commands_for_unknown_foreign_unenrolled_or_incapable_devices_are_refuse
         Code::FailedPrecondition
     );
 }
+
+#[tokio::test]
+async fn out_of_order_agent_messages_are_ignored_and_a_stream_without_hello_is_refused() {
+    use pb::agent_service_client::AgentServiceClient;
+    use pb::connect_request::Message as Up;
+    use pb::connect_response::Message as Down;
+    let server = TestServer::start().await;
+    let (_, agent) = enrolled_agent(&server, "gil@example.com").await;
+    let device_id = agent.device_id();
+    let up = |message: Up| pb::ConnectRequest {
+        message: Some(message),
+    };
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(up(Up::Heartbeat(pb::Heartbeat::default())))
+        .await
+        .unwrap();
+    let status = AgentServiceClient::new(server.device_channel(&agent).await)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("hello"), "{}", status.message());
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(up(Up::Hello(pb::AgentHello::default())))
+        .await
+        .unwrap();
+    let mut down = AgentServiceClient::new(server.device_channel(&agent).await)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = down.message().await.unwrap().unwrap();
+    assert!(matches!(first.message, Some(Down::Hello(_))));
+    for message in [
+        Up::Result(pb::CommandResult {
+            command_id: "01-unknown".into(),
+            succeeded: true,
+            ..Default::default()
+        }),
+        Up::Ack(pb::CommandAck {
+            command_id: "no-such-command".into(),
+        }),
+        Up::Hello(pb::AgentHello::default()),
+        Up::Progress(pb::CommandProgress {
+            command_id: "x".repeat(500),
+            step: "?".into(),
+        }),
+    ] {
+        tx.send(up(message)).await.unwrap();
+    }
+    // Still up: a new command arrives on this very stream.
+    let queued = admin(&server).await.lock(&device_id, None).await;
+    let command = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), down.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(Down::Command(command)) = next.message {
+            break command;
+        }
+    };
+    assert_eq!(command.command_id, queued.action_id);
+    assert!(
+        matches!(command.payload, Some(pb::command::Payload::Lock(ref lock)) if lock.message == "Call IT")
+    );
+}

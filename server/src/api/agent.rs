@@ -148,7 +148,13 @@ impl Session {
                             }
                         }
                         Ok(None) => break "the agent closed the stream",
-                        Err(_) => break "the stream broke",
+                        Err(status) => {
+                            if matches!(status.code(), tonic::Code::Internal | tonic::Code::InvalidArgument | tonic::Code::OutOfRange) {
+                                // Undecodable input: tell the agent why before closing.
+                                let _ = self.tx.send(Err(Status::invalid_argument(format!("malformed message: {}", status.message())))).await;
+                            }
+                            break "the stream broke";
+                        }
                     },
                     signal = registration.signals.recv() => match signal {
                         Some(StreamSignal::NewCommand { .. }) => {
