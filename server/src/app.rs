@@ -33,6 +33,8 @@ pub struct App {
     pub(crate) device_cert_lifetime: std::time::Duration,
     pub(crate) heartbeat_interval: std::time::Duration,
     pub(crate) live: LiveStreams,
+    /// Seals reset passcodes at rest.
+    pub(crate) secrets: crate::crypto::SecretBox,
     /// Every change of an action, for `WatchActions`.
     pub(crate) action_updates: broadcast::Sender<crate::model::Action>,
 }
@@ -57,6 +59,7 @@ impl App {
             heartbeat_interval: config.heartbeat_interval,
             live: LiveStreams::default(),
             action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
+            secrets: crate::crypto::SecretBox::new(&keys.derive("reset-passcode/v1")),
         }
     }
 

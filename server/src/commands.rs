@@ -40,6 +40,41 @@ impl App {
         payload: CommandPayload,
         ttl: Option<Duration>,
     ) -> Result<Action> {
+        self.queue_command_as(time_ordered_id(), device_id, admin_email, action_type, payload, ttl)
+            .await
+    }
+
+    /// Refuses a command the device cannot take: not enrolled, or its
+    /// agent said it cannot perform this kind of action (and why).
+    pub(crate) fn check_command(&self, device: &crate::model::Device, action_type: ActionType) -> Result<()> {
+        if device.status != DeviceStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "device {} is not enrolled (status {:?})",
+                device.device_id, device.status
+            )));
+        }
+        if let Some(capability) = device.facts.capabilities.iter().find(|c| c.action == action_type)
+            && !capability.supported
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "device {} cannot perform {action_type:?}: {}",
+                device.device_id,
+                if capability.reason.is_empty() { "its agent says it is not supported" } else { &capability.reason }
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`queue_command`](Self::queue_command) with a chosen action id.
+    pub(crate) async fn queue_command_as(
+        &self,
+        action_id: String,
+        device_id: &str,
+        admin_email: &str,
+        action_type: ActionType,
+        payload: CommandPayload,
+        ttl: Option<Duration>,
+    ) -> Result<Action> {
         let ttl = ttl.unwrap_or(DEFAULT_COMMAND_TTL);
         if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
             return Err(Error::InvalidArgument(format!(
@@ -72,7 +107,7 @@ impl App {
         }
         let now = now_millis();
         let action = Action {
-            action_id: time_ordered_id(),
+            action_id,
             site_id: device.site_id.clone(),
             device_id: device.device_id.clone(),
             action_type,
@@ -222,6 +257,14 @@ impl App {
                 );
             }
             Some((action, true)) => {
+                if action.status == ActionStatus::Succeeded
+                    && matches!(action.action_type, ActionType::Lock | ActionType::ResetPasscode)
+                {
+                    self.storage.update_device(device_id, |device| {
+                        device.security.locked = true;
+                        true
+                    })?;
+                }
                 self.commit().await?;
                 self.publish(action);
             }

@@ -313,6 +313,7 @@ impl App {
                     site.display_name
                 ),
                 body_text: details.clone(),
+                passcode_of_action: None,
                 state: NotificationState::Pending,
                 attempts: 0,
                 last_error: String::new(),

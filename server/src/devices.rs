@@ -142,6 +142,7 @@ impl App {
             certificates: vec![issued],
             replaces_device_id: None,
             replaced_by_device_id: None,
+            security: Default::default(),
         };
         let replaced = self.storage.enroll_device(&mut device)?;
         if let Some(old) = &replaced {

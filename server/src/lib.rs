@@ -18,6 +18,7 @@ pub mod identity;
 pub mod live;
 pub mod model;
 pub mod pki;
+pub mod reset;
 pub mod server;
 pub mod sites;
 pub mod storage;

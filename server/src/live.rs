@@ -17,6 +17,8 @@ pub enum StreamSignal {
     Replaced,
     /// A command was queued for the device: send it.
     NewCommand { action_id: String },
+    /// The site's passcode policy changed: send it.
+    PolicyChanged,
 }
 
 #[derive(Debug, Default)]

@@ -23,6 +23,74 @@ pub struct Site {
     /// Days the latest reset passcode stays visible; 0 means always.
     #[serde(default)]
     pub reset_passcode_visible_days: u32,
+    #[serde(default)]
+    pub passcode_policy: PasscodePolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PasscodeComplexity {
+    /// Digits only.
+    Numeric,
+    /// Letters and digits, at least one of each.
+    Alphanumeric,
+    /// Lower- and upper-case letters, digits and a symbol.
+    Complex,
+}
+
+/// The passcode rules a site enforces on its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasscodePolicy {
+    pub required: bool,
+    pub min_length: u32,
+    pub complexity: PasscodeComplexity,
+    /// 0 means no limit.
+    pub max_age_days: u32,
+}
+
+impl Default for PasscodePolicy {
+    /// A passcode is required; resets generate 8 digits.
+    fn default() -> Self {
+        Self {
+            required: true,
+            min_length: 8,
+            complexity: PasscodeComplexity::Numeric,
+            max_age_days: 0,
+        }
+    }
+}
+
+pub const PASSCODE_LENGTH_RANGE: std::ops::RangeInclusive<u32> = 4..=64;
+
+/// What the agent says about the device's passcode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compliance {
+    pub has_passcode: bool,
+    pub meets_policy: bool,
+    pub reason: String,
+}
+
+/// The latest remote passcode reset of a device; the passcode sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatestReset {
+    pub passcode_sealed: String,
+    pub reset_at: Millis,
+    pub reset_by: String,
+    pub action_id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSecurity {
+    pub compliance: Option<Compliance>,
+    pub locked: bool,
+    pub latest_reset: Option<LatestReset>,
+}
+
+/// One entry of a device's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: Millis,
+    pub who: String,
+    pub what: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +214,10 @@ pub struct Notification {
     pub recipient: String,
     pub subject: String,
     pub body_text: String,
+    /// The action whose (sealed) reset passcode replaces `{passcode}` in
+    /// the body at delivery, so the outbox never holds it in plaintext.
+    #[serde(default)]
+    pub passcode_of_action: Option<String>,
     pub state: NotificationState,
     pub attempts: u32,
     pub last_error: String,
@@ -236,6 +308,8 @@ pub struct Device {
     pub certificates: Vec<IssuedDeviceCert>,
     pub replaces_device_id: Option<String>,
     pub replaced_by_device_id: Option<String>,
+    #[serde(default)]
+    pub security: DeviceSecurity,
 }
 
 impl Device {
@@ -312,6 +386,8 @@ pub enum FailureCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandPayload {
     Lock { message: String },
+    /// The new passcode, sealed with the server's reset-passcode key.
+    ResetPasscode { passcode_sealed: String, message: String },
     Unenroll,
 }
 

@@ -61,6 +61,7 @@ impl App {
                 failed_attempt_limit,
                 created_at: now_millis(),
                 reset_passcode_visible_days: 0,
+                passcode_policy: Default::default(),
             };
             if self.storage.insert_site(&site)? {
                 self.commit().await?;

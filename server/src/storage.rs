@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::model::AuditEntry;
 use crate::model::{
     Action, Alert, CompanyPasscodeRecord, Device, DeviceStatus, MAX_REMEMBERED_SOURCES, Millis,
     Notification, NotificationState, PasscodeState, PendingLockout, Site, User,
@@ -129,6 +130,8 @@ pub struct Storage {
     device_queue: sled::Tree,
     /// expires_at (8 bytes, big endian) action_id -> () for commands not yet final
     action_expiry: sled::Tree,
+    /// device_id \0 entry id (time-ordered) -> AuditEntry
+    device_audit: sled::Tree,
     /// Serialises read-modify-write of actions.
     actions_lock: Arc<Mutex<()>>,
     commit: Arc<GroupCommit>,
@@ -270,6 +273,7 @@ impl Storage {
             device_actions: db.open_tree("device_actions")?,
             device_queue: db.open_tree("device_queue")?,
             action_expiry: db.open_tree("action_expiry")?,
+            device_audit: db.open_tree("device_audit")?,
             actions_lock: Arc::default(),
             commit: Arc::default(),
             devices_lock: Arc::default(),
@@ -782,7 +786,31 @@ impl Storage {
         })
     }
 
+    // ---- audit trail ----
+
+    pub fn append_audit(&self, device_id: &str, entry: &AuditEntry) -> Result<(), StorageError> {
+        self.device_audit
+            .insert(key2(device_id, &crate::model::time_ordered_id()), encode(entry))?;
+        Ok(())
+    }
+
+    /// The device's audit trail, newest first, at most `limit` entries.
+    pub fn list_audit(&self, device_id: &str, limit: usize) -> Result<Vec<AuditEntry>, StorageError> {
+        self.device_audit
+            .scan_prefix(prefix(device_id))
+            .rev()
+            .take(limit)
+            .map(|entry| decode(&entry?.1))
+            .collect()
+    }
+
     // ---- alerts and outbox ----
+
+    pub fn put_notification(&self, notification: &Notification) -> Result<(), StorageError> {
+        self.outbox
+            .insert(notification.notification_id.as_bytes(), encode(notification))?;
+        Ok(())
+    }
 
     /// A site's alerts, newest first.
     pub fn list_alerts(
@@ -935,6 +963,7 @@ mod tests {
             recipient: "owner@localhost".into(),
             subject: "s".into(),
             body_text: "b".into(),
+            passcode_of_action: None,
             state: NotificationState::Pending,
             attempts: 0,
             last_error: String::new(),

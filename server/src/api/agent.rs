@@ -90,6 +90,10 @@ impl AgentService for AgentApi {
             None => None,
         };
         self.app.device_seen(&device.device_id, facts)?;
+        if let Some(compliance) = hello.compliance {
+            self.app.record_compliance(&device.device_id, convert::compliance_from_proto(compliance))?;
+        }
+        let policy = self.app.device_policy(&device.device_id)?;
         let registration = self.app.live.register(&device.device_id);
         let interval = self.app.heartbeat_interval();
         let (tx, rx) = mpsc::channel(16);
@@ -99,7 +103,7 @@ impl AgentService for AgentApi {
                     seconds: i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
                     nanos: i32::try_from(interval.subsec_nanos()).unwrap_or(0),
                 }),
-                policy: None,
+                policy: Some(convert::policy(policy)),
             })))
             .await;
         tracing::info!(device_id = %device.device_id, "agent connected");
@@ -157,6 +161,11 @@ impl Session {
                         }
                     },
                     signal = registration.signals.recv() => match signal {
+                        Some(StreamSignal::PolicyChanged) => {
+                            if let Ok(policy) = self.app.device_policy(&self.device_id) {
+                                let _ = self.tx.send(outbound(Outbound::Policy(convert::policy(policy)))).await;
+                            }
+                        }
                         Some(StreamSignal::NewCommand { .. }) => {
                             if let Err(reason) = self.push_queued().await {
                                 break reason;
@@ -207,7 +216,9 @@ impl Session {
             if self.sent.contains(&action.action_id) {
                 continue;
             }
-            let Some(command) = convert::command(&action) else {
+            let passcode = self.app.command_passcode(&action);
+            let Some(command) = convert::command(&action, passcode.as_ref().map(|p| p.as_str())) else {
+                tracing::error!(action_id = %action.action_id, "a queued command cannot be unsealed; skipped");
                 continue;
             };
             if self
@@ -238,7 +249,12 @@ impl Session {
                 tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
                 return Ok(());
             }
-            Some(Inbound::Compliance(_)) => return Ok(()),
+            Some(Inbound::Compliance(compliance)) => {
+                if let Err(error) = self.app.record_compliance(&self.device_id, convert::compliance_from_proto(compliance)) {
+                    tracing::warn!(%error, "cannot record compliance");
+                }
+                return Ok(());
+            }
             Some(Inbound::Ack(ack)) => (ack.command_id, AgentReport::Acknowledged),
             Some(Inbound::Progress(progress)) => {
                 (progress.command_id, AgentReport::Progress(progress.step))

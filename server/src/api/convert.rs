@@ -6,9 +6,11 @@ use tonic::Status;
 
 use crate::error::Error;
 use crate::identity::AdminIdentity;
+use crate::reset::SecurityView;
 use crate::model::{
     Action, ActionStatus, ActionType, Alert, AlertKind, Capability, CommandPayload,
-    CompanyPasscodeInfo, Device, DeviceFacts, DeviceStatus, FailureCode, Millis, Notification,
+    CompanyPasscodeInfo, Device, DeviceFacts, DeviceStatus, FailureCode, Millis, AuditEntry, Compliance,
+    PasscodeComplexity, PasscodePolicy, Notification,
     NotificationState, PasscodeState, Platform, Site, User,
 };
 
@@ -349,10 +351,15 @@ pub fn failure_code_from_proto(code: pb::FailureCode) -> FailureCode {
     }
 }
 
-/// The command an action sends to its device, if it is one.
-pub fn command(action: &Action) -> Option<pb::Command> {
+/// The command an action sends to its device, if it is one. A reset
+/// command needs its passcode, unsealed by the caller.
+pub fn command(action: &Action, passcode: Option<&str>) -> Option<pb::Command> {
     let payload = match action.payload.as_ref()? {
         CommandPayload::Lock { message } => pb::command::Payload::Lock(pb::LockCommand {
+            message: message.clone(),
+        }),
+        CommandPayload::ResetPasscode { message, .. } => pb::command::Payload::ResetPasscode(pb::ResetPasscodeCommand {
+            passcode: passcode?.to_owned(),
             message: message.clone(),
         }),
         CommandPayload::Unenroll => pb::command::Payload::Unenroll(pb::UnenrollCommand {}),
@@ -395,4 +402,70 @@ pub fn lock_message(message: String) -> Result<String, Status> {
         .into());
     }
     Ok(message)
+}
+
+pub fn policy(policy: PasscodePolicy) -> pb::PasscodePolicy {
+    let complexity = match policy.complexity {
+        PasscodeComplexity::Numeric => pb::PasscodeComplexity::Numeric,
+        PasscodeComplexity::Alphanumeric => pb::PasscodeComplexity::Alphanumeric,
+        PasscodeComplexity::Complex => pb::PasscodeComplexity::Complex,
+    };
+    pb::PasscodePolicy {
+        required: policy.required,
+        min_length: policy.min_length,
+        complexity: complexity.into(),
+        max_age_days: policy.max_age_days,
+    }
+}
+
+pub fn policy_from_proto(policy: Option<pb::PasscodePolicy>) -> Result<PasscodePolicy, Status> {
+    let policy = policy.ok_or_else(|| Status::from(Error::InvalidArgument("policy is required".into())))?;
+    let complexity = match policy.complexity() {
+        pb::PasscodeComplexity::Numeric => PasscodeComplexity::Numeric,
+        pb::PasscodeComplexity::Alphanumeric => PasscodeComplexity::Alphanumeric,
+        pb::PasscodeComplexity::Complex => PasscodeComplexity::Complex,
+        pb::PasscodeComplexity::Unspecified => {
+            return Err(Error::InvalidArgument(
+                "policy.complexity is required: PASSCODE_COMPLEXITY_NUMERIC, _ALPHANUMERIC or _COMPLEX".into(),
+            )
+            .into());
+        }
+    };
+    Ok(PasscodePolicy {
+        required: policy.required,
+        min_length: policy.min_length,
+        complexity,
+        max_age_days: policy.max_age_days,
+    })
+}
+
+pub fn compliance_from_proto(compliance: pb::PasscodeCompliance) -> Compliance {
+    Compliance {
+        has_passcode: compliance.has_passcode,
+        meets_policy: compliance.meets_policy,
+        reason: compliance.reason.chars().take(256).collect(),
+    }
+}
+
+pub fn security(view: SecurityView) -> pb::DeviceSecurity {
+    pb::DeviceSecurity {
+        compliant: view.compliant,
+        locked: view.locked,
+        latest_reset_passcode: view.latest_reset_passcode.map(|p| p.as_str().to_owned()).unwrap_or_default(),
+        reset_at: opt_timestamp(view.reset_at),
+        reset_by: view.reset_by,
+        compliance: view.compliance.map(|c| pb::PasscodeCompliance {
+            has_passcode: c.has_passcode,
+            meets_policy: c.meets_policy,
+            reason: c.reason,
+        }),
+    }
+}
+
+pub fn audit_entry(entry: AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        at: Some(timestamp(entry.at)),
+        who: entry.who,
+        what: entry.what,
+    }
 }

@@ -72,8 +72,37 @@ impl DeviceService for DeviceApi {
         let device = self.app.get_device(device_id)?;
         authorize_site(&admin, &device.site_id)?;
         let online = self.app.is_online(device_id);
+        let security = self.app.security_view(&device, &admin.email)?;
+        let audit_trail = self.app.audit_trail(device_id, 50)?;
+        let mut device = convert::device(device, online);
+        device.security = Some(convert::security(security));
         Ok(Response::new(pb::GetDeviceResponse {
-            device: Some(convert::device(device, online)),
+            device: Some(device),
+            audit_trail: audit_trail.into_iter().map(convert::audit_entry).collect(),
+        }))
+    }
+
+    async fn reset_passcode(&self, request: Request<pb::ResetPasscodeRequest>) -> Rpc<pb::ResetPasscodeResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let device_id = required_id("device_id", &request.device_id)?;
+        let device = self.app.get_device(device_id)?;
+        authorize_site(&admin, &device.site_id)?;
+        if request.confirm_user_email.trim().is_empty() {
+            return Err(crate::error::Error::FailedPrecondition(
+                "confirm_user_email is required: name the device's user to confirm the right device".into(),
+            )
+            .into());
+        }
+        let message = convert::lock_message(request.message)?;
+        let ttl = convert::duration("ttl", request.ttl)?;
+        let (action, passcode) = self
+            .app
+            .reset_passcode(device_id, &admin.email, &request.confirm_user_email, request.notify_user, message, ttl)
+            .await?;
+        Ok(Response::new(pb::ResetPasscodeResponse {
+            action: Some(convert::action(action)),
+            passcode: passcode.as_str().to_owned(),
         }))
     }
 

@@ -104,6 +104,35 @@ impl SiteService for SiteApi {
         }))
     }
 
+    async fn set_passcode_policy(
+        &self,
+        request: Request<pb::SetPasscodePolicyRequest>,
+    ) -> Rpc<pb::SetPasscodePolicyResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let site_id = required_id("site_id", &request.site_id)?;
+        authorize_site(&admin, site_id)?;
+        let policy = convert::policy_from_proto(request.policy)?;
+        let policy = self.app.set_passcode_policy(site_id, policy).await?;
+        tracing::info!(site_id, admin = %admin.email, "passcode policy set");
+        Ok(Response::new(pb::SetPasscodePolicyResponse {
+            policy: Some(convert::policy(policy)),
+        }))
+    }
+
+    async fn get_passcode_policy(
+        &self,
+        request: Request<pb::GetPasscodePolicyRequest>,
+    ) -> Rpc<pb::GetPasscodePolicyResponse> {
+        let admin = identity::admin(&request)?;
+        let site_id = required_id("site_id", &request.get_ref().site_id)?;
+        authorize_site(&admin, site_id)?;
+        let policy = self.app.passcode_policy(site_id)?;
+        Ok(Response::new(pb::GetPasscodePolicyResponse {
+            policy: Some(convert::policy(policy)),
+        }))
+    }
+
     async fn get_company_passcode(
         &self,
         request: Request<pb::GetCompanyPasscodeRequest>,

@@ -1,0 +1,298 @@
+//! Remote passcode reset and the passcode policy: generating a passcode
+//! the site's policy accepts, keeping the latest one sealed for the
+//! device's security page, auditing every read of it, and the emails.
+
+use std::time::Duration;
+
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use zeroize::Zeroizing;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::live::StreamSignal;
+use crate::model::{
+    Action, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus, LatestReset,
+    Millis, Notification, NotificationState, PASSCODE_LENGTH_RANGE, PasscodeComplexity,
+    PasscodePolicy, now_millis, time_ordered_id,
+};
+
+const DIGITS: &[u8] = b"0123456789";
+const LETTERS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
+const LOWER: &[u8] = b"abcdefghijkmnopqrstuvwxyz";
+const UPPER: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ";
+const SYMBOLS: &[u8] = b"!#%+-=?@";
+
+/// A passcode that satisfies `policy`, from the OS CSPRNG. At least 8
+/// characters even when the policy allows fewer. Every required class is
+/// present; positions are shuffled.
+pub fn generate_device_passcode(policy: &PasscodePolicy) -> Zeroizing<String> {
+    let length = usize::try_from(policy.min_length.max(8)).unwrap_or(8);
+    let required: Vec<&[u8]> = match policy.complexity {
+        PasscodeComplexity::Numeric => vec![DIGITS],
+        PasscodeComplexity::Alphanumeric => vec![DIGITS, LETTERS],
+        PasscodeComplexity::Complex => vec![DIGITS, LOWER, UPPER, SYMBOLS],
+    };
+    let alphabet: Vec<u8> = required.concat();
+    let mut rng = OsRng.unwrap_err();
+    let mut chars: Zeroizing<Vec<u8>> = Zeroizing::new(
+        required
+            .iter()
+            .map(|class| *class.choose(&mut rng).expect("non-empty class"))
+            .collect(),
+    );
+    while chars.len() < length {
+        chars.push(*alphabet.choose(&mut rng).expect("non-empty alphabet"));
+    }
+    chars.shuffle(&mut rng);
+    Zeroizing::new(String::from_utf8_lossy(&chars).into_owned())
+}
+
+pub fn validate_policy(policy: &PasscodePolicy) -> Result<()> {
+    if !PASSCODE_LENGTH_RANGE.contains(&policy.min_length) {
+        return Err(Error::InvalidArgument(format!(
+            "policy.min_length must be between {} and {}, got {}",
+            PASSCODE_LENGTH_RANGE.start(),
+            PASSCODE_LENGTH_RANGE.end(),
+            policy.min_length
+        )));
+    }
+    if policy.max_age_days > 3650 {
+        return Err(Error::InvalidArgument(
+            "policy.max_age_days must be at most 3650 (0 means no limit)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What an admin sees of a device's security.
+#[derive(Debug)]
+pub struct SecurityView {
+    pub compliance: Option<Compliance>,
+    pub compliant: bool,
+    pub locked: bool,
+    pub latest_reset_passcode: Option<Zeroizing<String>>,
+    pub reset_at: Option<Millis>,
+    pub reset_by: String,
+}
+
+fn device_context(device_id: &str) -> String {
+    format!("device:{device_id}")
+}
+
+pub(crate) fn command_context(action_id: &str) -> String {
+    format!("command:{action_id}")
+}
+
+impl App {
+    pub async fn set_passcode_policy(&self, site_id: &str, policy: PasscodePolicy) -> Result<PasscodePolicy> {
+        validate_policy(&policy)?;
+        let mut site = self.site(site_id)?;
+        site.passcode_policy = policy;
+        self.storage.put_site(&site)?;
+        self.commit().await?;
+        // Devices online now learn it at once; the others on their next hello.
+        let mut token = String::new();
+        loop {
+            let page = self.storage.list_devices(site_id, &token, 1000, |d| d.status == DeviceStatus::Active)?;
+            for device in &page.items {
+                self.live.signal(&device.device_id, StreamSignal::PolicyChanged);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Ok(policy)
+    }
+
+    pub fn passcode_policy(&self, site_id: &str) -> Result<PasscodePolicy> {
+        Ok(self.site(site_id)?.passcode_policy)
+    }
+
+    /// The policy of the device's site.
+    pub fn device_policy(&self, device_id: &str) -> Result<PasscodePolicy> {
+        self.passcode_policy(&self.get_device(device_id)?.site_id)
+    }
+
+    /// Resets a device's passcode: a new passcode the site's policy accepts
+    /// is queued for the device (which sets it and locks), kept sealed as
+    /// the device's latest reset passcode, and emailed to the admin (and the
+    /// device's user when `notify_user`). Returns the action and the passcode.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reset_passcode(
+        &self,
+        device_id: &str,
+        admin_email: &str,
+        confirm_user_email: &str,
+        notify_user: bool,
+        message: String,
+        ttl: Option<Duration>,
+    ) -> Result<(Action, Zeroizing<String>)> {
+        let device = self.get_device(device_id)?;
+        if !confirm_user_email.trim().eq_ignore_ascii_case(&device.user_email) {
+            return Err(Error::FailedPrecondition(format!(
+                "confirm_user_email does not match the user of device {device_id}; check the device and its user"
+            )));
+        }
+        let site = self.site(&device.site_id)?;
+        let passcode = generate_device_passcode(&site.passcode_policy);
+        let action_id = time_ordered_id();
+        let now = now_millis();
+        let mut recipients = vec![admin_email.to_owned()];
+        if notify_user && device.user_email != admin_email {
+            recipients.push(device.user_email.clone());
+        }
+        let notifications: Vec<Notification> = recipients
+            .into_iter()
+            .map(|recipient| reset_email(&device, &action_id, admin_email, recipient, now))
+            .collect();
+        let payload = CommandPayload::ResetPasscode {
+            passcode_sealed: self.secrets.seal(&passcode, &command_context(&action_id)),
+            message,
+        };
+        // Check the command can be queued before recording anything else.
+        self.check_command(&device, ActionType::ResetPasscode)?;
+        let sealed_for_device = self.secrets.seal(&passcode, &device_context(device_id));
+        self.storage.update_device(device_id, |device| {
+            device.security.latest_reset = Some(LatestReset {
+                passcode_sealed: sealed_for_device,
+                reset_at: now,
+                reset_by: admin_email.to_owned(),
+                action_id: action_id.clone(),
+            });
+            true
+        })?;
+        for notification in &notifications {
+            self.storage.put_notification(notification)?;
+        }
+        let action = self
+            .queue_command_as(action_id, device_id, admin_email, ActionType::ResetPasscode, payload, ttl)
+            .await?;
+        tracing::info!(
+            action_id = %action.action_id,
+            device_id,
+            admin = admin_email,
+            notify_user,
+            "passcode reset queued"
+        );
+        Ok((action, passcode))
+    }
+
+    /// The passcode inside a reset command, for sending it to the device.
+    pub fn command_passcode(&self, action: &Action) -> Option<Zeroizing<String>> {
+        match &action.payload {
+            Some(CommandPayload::ResetPasscode { passcode_sealed, .. }) => {
+                self.secrets.open(passcode_sealed, &command_context(&action.action_id))
+            }
+            _ => None,
+        }
+    }
+
+    /// Records what the agent says about the device's passcode.
+    pub fn record_compliance(&self, device_id: &str, compliance: Compliance) -> Result<()> {
+        self.storage.update_device(device_id, |device| {
+            let changed = device.security.compliance.as_ref() != Some(&compliance);
+            device.security.compliance = Some(compliance);
+            changed
+        })?;
+        Ok(())
+    }
+
+    /// The device's security section as `viewer` may see it. Revealing the
+    /// latest reset passcode is recorded in the device's audit trail.
+    pub fn security_view(&self, device: &Device, viewer: &str) -> Result<SecurityView> {
+        let security = &device.security;
+        let mut view = SecurityView {
+            compliant: security.compliance.as_ref().is_some_and(|c| c.meets_policy),
+            compliance: security.compliance.clone(),
+            locked: security.locked,
+            latest_reset_passcode: None,
+            reset_at: security.latest_reset.as_ref().map(|r| r.reset_at),
+            reset_by: security.latest_reset.as_ref().map(|r| r.reset_by.clone()).unwrap_or_default(),
+        };
+        if let Some(latest) = &security.latest_reset {
+            let site = self.site(&device.site_id)?;
+            let days = i64::from(site.reset_passcode_visible_days);
+            let hidden = days > 0 && now_millis() - latest.reset_at > days * 86_400_000;
+            if !hidden {
+                view.latest_reset_passcode = self.secrets.open(&latest.passcode_sealed, &device_context(&device.device_id));
+                if view.latest_reset_passcode.is_some() {
+                    self.storage.append_audit(
+                        &device.device_id,
+                        &AuditEntry {
+                            at: now_millis(),
+                            who: viewer.to_owned(),
+                            what: format!("viewed the latest reset passcode (action {})", latest.action_id),
+                        },
+                    )?;
+                    tracing::info!(device_id = %device.device_id, viewer, "latest reset passcode viewed");
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    pub fn audit_trail(&self, device_id: &str, limit: usize) -> Result<Vec<AuditEntry>> {
+        Ok(self.storage.list_audit(device_id, limit)?)
+    }
+}
+
+fn reset_email(device: &Device, action_id: &str, admin: &str, recipient: String, now: Millis) -> Notification {
+    let name = if device.facts.hostname.is_empty() { device.device_id.clone() } else { device.facts.hostname.clone() };
+    Notification {
+        notification_id: time_ordered_id(),
+        site_id: device.site_id.clone(),
+        channel: "email".into(),
+        subject: format!("Device passcode reset: {name}"),
+        body_text: format!(
+            "{admin} reset the passcode of device {name} ({}), used by {}.\n\nThe new passcode is: {{passcode}}\n\nThe device sets it and locks as soon as it is online. Follow the action {action_id} in the action log.\n",
+            device.device_id, device.user_email
+        ),
+        passcode_of_action: Some(action_id.to_owned()),
+        recipient,
+        state: NotificationState::Pending,
+        attempts: 0,
+        last_error: String::new(),
+        created_at: now,
+        next_attempt_at: now,
+        delivered_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(complexity: PasscodeComplexity, min_length: u32) -> PasscodePolicy {
+        PasscodePolicy { required: true, min_length, complexity, max_age_days: 0 }
+    }
+
+    #[test]
+    fn generated_passcodes_satisfy_their_policy() {
+        for _ in 0..2000 {
+            let pin = generate_device_passcode(&PasscodePolicy::default());
+            assert_eq!(pin.len(), 8);
+            assert!(pin.bytes().all(|b| b.is_ascii_digit()));
+
+            let alnum = generate_device_passcode(&policy(PasscodeComplexity::Alphanumeric, 10));
+            assert_eq!(alnum.len(), 10);
+            assert!(alnum.bytes().any(|b| b.is_ascii_digit()) && alnum.bytes().any(|b| b.is_ascii_alphabetic()));
+
+            let complex = generate_device_passcode(&policy(PasscodeComplexity::Complex, 4));
+            assert_eq!(complex.len(), 8, "never shorter than 8");
+            assert!(complex.bytes().any(|b| b.is_ascii_digit()));
+            assert!(complex.bytes().any(|b| b.is_ascii_lowercase()));
+            assert!(complex.bytes().any(|b| b.is_ascii_uppercase()));
+            assert!(complex.bytes().any(|b| SYMBOLS.contains(&b)));
+        }
+    }
+
+    #[test]
+    fn policies_out_of_range_are_refused() {
+        assert!(validate_policy(&policy(PasscodeComplexity::Numeric, 3)).is_err());
+        assert!(validate_policy(&policy(PasscodeComplexity::Numeric, 65)).is_err());
+        assert!(validate_policy(&policy(PasscodeComplexity::Numeric, 4)).is_ok());
+    }
+}
