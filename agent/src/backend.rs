@@ -1,6 +1,7 @@
 //! Platform backends: what this device can do, and how it does it. Each
 //! backend reports its own capabilities; the server refuses up front what a
-//! device cannot do.
+//! device cannot do. The real OS lives in `system`; this file has the trait
+//! and the simulated device.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +12,13 @@ use serde::{Deserialize, Serialize};
 /// A command as a backend sees it.
 #[derive(Debug, Clone)]
 pub enum Task {
-    Lock { message: String },
+    Lock {
+        message: String,
+    },
+    ResetPasscode {
+        passcode: zeroize::Zeroizing<String>,
+        message: String,
+    },
 }
 
 /// Why a backend could not do it.
@@ -31,43 +38,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         task: &Task,
         step: &mut dyn FnMut(&str),
     ) -> Result<(), Failure>;
+    /// Whether the device's passcode meets `policy`; None when it cannot tell.
+    fn compliance(&self, policy: &pb::PasscodePolicy) -> Option<pb::PasscodeCompliance>;
 }
 
-fn capability(action: pb::ActionType, supported: bool, reason: &str) -> pb::DeviceCapability {
+pub(crate) fn capability(
+    action: pb::ActionType,
+    supported: bool,
+    reason: &str,
+) -> pb::DeviceCapability {
     pb::DeviceCapability {
         action: action.into(),
         supported,
         reason: reason.to_owned(),
-    }
-}
-
-const NOT_YET: &str = "this agent version cannot do this on this platform yet";
-
-/// The real operating system.
-#[derive(Debug, Default)]
-pub struct SystemBackend;
-
-impl Backend for SystemBackend {
-    fn name(&self) -> &'static str {
-        "system"
-    }
-    fn capabilities(&self) -> Vec<pb::DeviceCapability> {
-        vec![
-            capability(pb::ActionType::Unenroll, true, ""),
-            capability(pb::ActionType::Lock, false, NOT_YET),
-            capability(pb::ActionType::ResetPasscode, false, NOT_YET),
-        ]
-    }
-    fn apply(
-        &self,
-        _command_id: &str,
-        _task: &Task,
-        _step: &mut dyn FnMut(&str),
-    ) -> Result<(), Failure> {
-        Err(Failure {
-            code: pb::FailureCode::Unsupported,
-            message: NOT_YET.into(),
-        })
     }
 }
 
@@ -76,16 +59,26 @@ impl Backend for SystemBackend {
 pub struct SimulatedDevice {
     pub locked: bool,
     pub lock_message: String,
+    /// The device passcode. A simulation: a real device never stores it.
+    #[serde(default)]
+    pub passcode: String,
+    /// Unix milliseconds when the passcode was set.
+    #[serde(default)]
+    pub passcode_set_at: i64,
     /// Every command applied, in order: tests check nothing is applied twice.
     pub applied: Vec<String>,
 }
 
 /// A device simulated in the state dir, for demos, tests and the benchmark.
-/// `MDM_SIMULATED_DELAY_MS` slows each command down.
+/// Environment knobs: `MDM_SIMULATED_DELAY_MS` slows each command down;
+/// `MDM_SIMULATED_UNSUPPORTED=lock,reset_passcode` withdraws capabilities;
+/// `MDM_SIMULATED_FAIL=permission|policy|unsupported|internal` makes commands fail.
 #[derive(Debug)]
 pub struct SimulatedBackend {
     path: PathBuf,
     delay: Duration,
+    unsupported: Vec<String>,
+    fail: Option<pb::FailureCode>,
 }
 
 impl SimulatedBackend {
@@ -94,9 +87,25 @@ impl SimulatedBackend {
             .ok()
             .and_then(|v| v.parse().ok())
             .map_or(Duration::ZERO, Duration::from_millis);
+        let unsupported = std::env::var("MDM_SIMULATED_UNSUPPORTED")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let fail = std::env::var("MDM_SIMULATED_FAIL")
+            .ok()
+            .map(|v| match v.as_str() {
+                "permission" => pb::FailureCode::Permission,
+                "policy" => pb::FailureCode::Policy,
+                "unsupported" => pb::FailureCode::Unsupported,
+                _ => pb::FailureCode::Internal,
+            });
         Self {
             path: state_dir.join("simulated.json"),
             delay,
+            unsupported,
+            fail,
         }
     }
 
@@ -125,13 +134,20 @@ impl Backend for SimulatedBackend {
     fn name(&self) -> &'static str {
         "simulated"
     }
+
     fn capabilities(&self) -> Vec<pb::DeviceCapability> {
+        let reason = "not supported by this simulated device (MDM_SIMULATED_UNSUPPORTED)";
+        let entry = |action, name: &str| {
+            let ok = !self.unsupported.iter().any(|u| u == name);
+            capability(action, ok, if ok { "" } else { reason })
+        };
         vec![
             capability(pb::ActionType::Unenroll, true, ""),
-            capability(pb::ActionType::Lock, true, ""),
-            capability(pb::ActionType::ResetPasscode, false, NOT_YET),
+            entry(pb::ActionType::Lock, "lock"),
+            entry(pb::ActionType::ResetPasscode, "reset_passcode"),
         ]
     }
+
     fn apply(
         &self,
         command_id: &str,
@@ -139,25 +155,137 @@ impl Backend for SimulatedBackend {
         step: &mut dyn FnMut(&str),
     ) -> Result<(), Failure> {
         std::thread::sleep(self.delay);
+        if let Some(code) = self.fail {
+            return Err(Failure {
+                code,
+                message: "the simulated device refused (MDM_SIMULATED_FAIL)".into(),
+            });
+        }
         let mut device = self.load();
+        device.applied.push(command_id.to_owned());
         match task {
             Task::Lock { message } => {
                 device.locked = true;
                 device.lock_message = message.clone();
-                device.applied.push(command_id.to_owned());
+                self.save(&device)?;
+                step("device locked");
+            }
+            Task::ResetPasscode { passcode, message } => {
+                device.passcode = passcode.as_str().to_owned();
+                device.passcode_set_at = now_millis();
+                self.save(&device)?;
+                step("passcode set");
+                device.locked = true;
+                device.lock_message = message.clone();
                 self.save(&device)?;
                 step("device locked");
             }
         }
         Ok(())
     }
+
+    fn compliance(&self, policy: &pb::PasscodePolicy) -> Option<pb::PasscodeCompliance> {
+        let device = self.load();
+        Some(evaluate(&device.passcode, device.passcode_set_at, policy))
+    }
+}
+
+fn now_millis() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Whether `passcode`, set at `set_at` (Unix ms), meets `policy`.
+pub fn evaluate(
+    passcode: &str,
+    set_at: i64,
+    policy: &pb::PasscodePolicy,
+) -> pb::PasscodeCompliance {
+    let has_passcode = !passcode.is_empty();
+    let length = u32::try_from(passcode.chars().count()).unwrap_or(u32::MAX);
+    let digit = passcode.chars().any(|c| c.is_ascii_digit());
+    let lower = passcode.chars().any(|c| c.is_ascii_lowercase());
+    let upper = passcode.chars().any(|c| c.is_ascii_uppercase());
+    let symbol = passcode.chars().any(|c| !c.is_ascii_alphanumeric());
+    let age_days = (now_millis() - set_at) / 86_400_000;
+    let reason = if !has_passcode {
+        policy.required.then(|| "no passcode is set".to_owned())
+    } else if length < policy.min_length {
+        Some(format!("shorter than {} characters", policy.min_length))
+    } else if policy.complexity() == pb::PasscodeComplexity::Alphanumeric
+        && !(digit && (lower || upper))
+    {
+        Some("needs letters and digits".to_owned())
+    } else if policy.complexity() == pb::PasscodeComplexity::Complex
+        && !(digit && lower && upper && symbol)
+    {
+        Some("needs lower- and upper-case letters, digits and a symbol".to_owned())
+    } else if policy.max_age_days > 0 && age_days > i64::from(policy.max_age_days) {
+        Some(format!("older than {} days", policy.max_age_days))
+    } else {
+        None
+    };
+    pb::PasscodeCompliance {
+        has_passcode,
+        meets_policy: reason.is_none(),
+        reason: reason.unwrap_or_default(),
+    }
 }
 
 /// The backend named on the command line.
-pub fn by_name(name: &str, state_dir: &std::path::Path) -> Option<Box<dyn Backend>> {
+pub fn by_name(
+    name: &str,
+    state_dir: &std::path::Path,
+    managed_account: Option<String>,
+) -> Option<Box<dyn Backend>> {
     match name {
-        "system" => Some(Box::new(SystemBackend)),
+        "system" => Some(Box::new(crate::system::SystemBackend::new(managed_account))),
         "simulated" => Some(Box::new(SimulatedBackend::new(state_dir))),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(min_length: u32, complexity: pb::PasscodeComplexity) -> pb::PasscodePolicy {
+        pb::PasscodePolicy {
+            required: true,
+            min_length,
+            complexity: complexity.into(),
+            max_age_days: 0,
+        }
+    }
+
+    #[test]
+    fn compliance_follows_the_policy() {
+        let now = now_millis();
+        assert!(!evaluate("", now, &policy(4, pb::PasscodeComplexity::Numeric)).meets_policy);
+        assert!(
+            evaluate("12345678", now, &policy(8, pb::PasscodeComplexity::Numeric)).meets_policy
+        );
+        assert!(!evaluate("1234", now, &policy(8, pb::PasscodeComplexity::Numeric)).meets_policy);
+        assert!(
+            !evaluate(
+                "12345678",
+                now,
+                &policy(8, pb::PasscodeComplexity::Alphanumeric)
+            )
+            .meets_policy
+        );
+        assert!(
+            evaluate(
+                "abc12345",
+                now,
+                &policy(8, pb::PasscodeComplexity::Alphanumeric)
+            )
+            .meets_policy
+        );
+        assert!(
+            evaluate("aB3!efgh", now, &policy(8, pb::PasscodeComplexity::Complex)).meets_policy
+        );
+        let mut old = policy(4, pb::PasscodeComplexity::Numeric);
+        old.max_age_days = 1;
+        assert!(!evaluate("1234", now - 3 * 86_400_000, &old).meets_policy);
     }
 }

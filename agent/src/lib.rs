@@ -9,3 +9,4 @@ pub mod facts;
 pub mod journal;
 pub mod run;
 pub mod state;
+pub mod system;

@@ -71,6 +71,9 @@ struct DeviceArgs {
     /// How actions are carried out: the real OS, or a simulation.
     #[arg(long, default_value = "system", value_parser = ["system", "simulated"])]
     backend: String,
+    /// The local account whose password a remote reset sets (system backend).
+    #[arg(long, env = "MDM_MANAGED_USER", value_name = "NAME")]
+    managed_user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -170,8 +173,12 @@ async fn enroll(args: EnrollArgs, state: StateDir) -> Result<ExitCode, String> {
         (None, Some(fingerprint)) => CaSource::Fingerprint(fingerprint),
         (None, None) => return Err("give --ca FILE or --ca-fingerprint sha256:HEX".into()),
     };
-    let backend =
-        mdm_agent::backend::by_name(&args.device.backend, state.root()).ok_or("unknown backend")?;
+    let backend = mdm_agent::backend::by_name(
+        &args.device.backend,
+        state.root(),
+        args.device.managed_user.clone(),
+    )
+    .ok_or("unknown backend")?;
     let identity = mdm_agent::enroll::enroll(EnrollOptions {
         server: args.server,
         ca,
@@ -227,8 +234,12 @@ fn status(state: &StateDir) -> Result<ExitCode, String> {
 }
 
 async fn run(args: RunArgs, state: StateDir) -> Result<ExitCode, String> {
-    let backend =
-        mdm_agent::backend::by_name(&args.device.backend, state.root()).ok_or("unknown backend")?;
+    let backend = mdm_agent::backend::by_name(
+        &args.device.backend,
+        state.root(),
+        args.device.managed_user.clone(),
+    )
+    .ok_or("unknown backend")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -197,11 +197,13 @@ async fn session(
     let (tx, rx) = mpsc::channel(64);
     // Commands are applied one at a time, in order, off the stream loop.
     let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let policy: Arc<Mutex<Option<pb::PasscodePolicy>>> = Arc::default();
     tokio::spawn(worker(
         work_rx,
         tx.clone(),
         options.backend.clone(),
         journal.clone(),
+        policy.clone(),
     ));
     let hello = pb::AgentHello {
         facts: Some(crate::facts::collect(
@@ -231,6 +233,9 @@ async fn session(
             received = inbound.message() => match received {
                 Ok(Some(pb::ConnectResponse { message: Some(message) })) => { last_heard = tokio::time::Instant::now(); match message {
                     Inbound::Hello(hello) => {
+                        if let Some(announced) = hello.policy {
+                            report_compliance(&tx, options.backend.as_ref(), &policy, announced).await;
+                        }
                         if let Some(announced) = hello.heartbeat_interval {
                             let announced = Duration::new(
                                 u64::try_from(announced.seconds).unwrap_or(30),
@@ -249,7 +254,9 @@ async fn session(
                     Inbound::Command(command) => {
                         let _ = work_tx.send(command);
                     }
-                    Inbound::Policy(_) => {}
+                    Inbound::Policy(announced) => {
+                        report_compliance(&tx, options.backend.as_ref(), &policy, announced).await;
+                    }
                 }},
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Failed(Status::unavailable("the server closed the stream")),
@@ -295,6 +302,7 @@ async fn worker(
     tx: mpsc::Sender<pb::ConnectRequest>,
     backend: Arc<dyn Backend>,
     journal: Arc<Mutex<Journal>>,
+    policy: Arc<Mutex<Option<pb::PasscodePolicy>>>,
 ) {
     while let Some(command) = commands.recv().await {
         let id = command.command_id.clone();
@@ -350,6 +358,13 @@ async fn worker(
         if tx.send(message(Outbound::Result(result))).await.is_err() {
             tracing::info!(command_id = %id, "result kept; it is sent after reconnecting");
         }
+        let known = *policy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = known
+            && outcome.succeeded
+            && command.r#type() == pb::ActionType::ResetPasscode
+        {
+            report_compliance(&tx, backend.as_ref(), &policy, known).await;
+        }
     }
 }
 
@@ -369,6 +384,10 @@ async fn apply(
     let task = match &command.payload {
         Some(pb::command::Payload::Lock(lock)) => Task::Lock {
             message: lock.message.clone(),
+        },
+        Some(pb::command::Payload::ResetPasscode(reset)) => Task::ResetPasscode {
+            passcode: zeroize::Zeroizing::new(reset.passcode.clone()),
+            message: reset.message.clone(),
         },
         _ => {
             return failed(
@@ -410,5 +429,18 @@ async fn apply(
             pb::FailureCode::Internal,
             format!("the backend crashed: {error}"),
         ),
+    }
+}
+
+/// Remembers the site's policy and tells the server whether the device meets it.
+async fn report_compliance(
+    tx: &mpsc::Sender<pb::ConnectRequest>,
+    backend: &dyn Backend,
+    known: &Mutex<Option<pb::PasscodePolicy>>,
+    policy: pb::PasscodePolicy,
+) {
+    *known.lock().unwrap_or_else(|p| p.into_inner()) = Some(policy);
+    if let Some(compliance) = backend.compliance(&policy) {
+        let _ = tx.send(message(Outbound::Compliance(compliance))).await;
     }
 }

@@ -135,7 +135,7 @@ impl StateDir {
 }
 
 #[cfg(unix)]
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // The effective uid is not in std; /proc/self is owned by it on Linux.
     use std::os::unix::fs::MetadataExt;
     fs::metadata("/proc/self")
@@ -144,8 +144,7 @@ fn is_root() -> bool {
 }
 
 #[cfg(not(unix))]
-#[allow(dead_code)]
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     false
 }
 

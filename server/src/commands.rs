@@ -40,26 +40,45 @@ impl App {
         payload: CommandPayload,
         ttl: Option<Duration>,
     ) -> Result<Action> {
-        self.queue_command_as(time_ordered_id(), device_id, admin_email, action_type, payload, ttl)
-            .await
+        self.queue_command_as(
+            time_ordered_id(),
+            device_id,
+            admin_email,
+            action_type,
+            payload,
+            ttl,
+        )
+        .await
     }
 
     /// Refuses a command the device cannot take: not enrolled, or its
     /// agent said it cannot perform this kind of action (and why).
-    pub(crate) fn check_command(&self, device: &crate::model::Device, action_type: ActionType) -> Result<()> {
+    pub(crate) fn check_command(
+        &self,
+        device: &crate::model::Device,
+        action_type: ActionType,
+    ) -> Result<()> {
         if device.status != DeviceStatus::Active {
             return Err(Error::FailedPrecondition(format!(
                 "device {} is not enrolled (status {:?})",
                 device.device_id, device.status
             )));
         }
-        if let Some(capability) = device.facts.capabilities.iter().find(|c| c.action == action_type)
+        if let Some(capability) = device
+            .facts
+            .capabilities
+            .iter()
+            .find(|c| c.action == action_type)
             && !capability.supported
         {
             return Err(Error::FailedPrecondition(format!(
                 "device {} cannot perform {action_type:?}: {}",
                 device.device_id,
-                if capability.reason.is_empty() { "its agent says it is not supported" } else { &capability.reason }
+                if capability.reason.is_empty() {
+                    "its agent says it is not supported"
+                } else {
+                    &capability.reason
+                }
             )));
         }
         Ok(())
@@ -258,7 +277,10 @@ impl App {
             }
             Some((action, true)) => {
                 if action.status == ActionStatus::Succeeded
-                    && matches!(action.action_type, ActionType::Lock | ActionType::ResetPasscode)
+                    && matches!(
+                        action.action_type,
+                        ActionType::Lock | ActionType::ResetPasscode
+                    )
                 {
                     self.storage.update_device(device_id, |device| {
                         device.security.locked = true;

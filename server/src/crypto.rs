@@ -115,11 +115,21 @@ mod tests {
         let sealed_box = SecretBox::new(&keys.derive("test"));
         let sealed = sealed_box.seal("12345678", "device:dv_1");
         assert!(!sealed.contains("12345678"));
-        assert_eq!(sealed_box.open(&sealed, "device:dv_1").expect("opens").as_str(), "12345678");
+        assert_eq!(
+            sealed_box
+                .open(&sealed, "device:dv_1")
+                .expect("opens")
+                .as_str(),
+            "12345678"
+        );
         assert!(sealed_box.open(&sealed, "device:dv_2").is_none());
         let mut tampered = sealed.clone();
         tampered.replace_range(30..31, if &sealed[30..31] == "0" { "1" } else { "0" });
         assert!(sealed_box.open(&tampered, "device:dv_1").is_none());
-        assert_ne!(sealed_box.seal("12345678", "device:dv_1"), sealed, "fresh nonce each time");
+        assert_ne!(
+            sealed_box.seal("12345678", "device:dv_1"),
+            sealed,
+            "fresh nonce each time"
+        );
     }
 }

@@ -385,9 +385,14 @@ pub enum FailureCode {
 /// What the device is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandPayload {
-    Lock { message: String },
+    Lock {
+        message: String,
+    },
     /// The new passcode, sealed with the server's reset-passcode key.
-    ResetPasscode { passcode_sealed: String, message: String },
+    ResetPasscode {
+        passcode_sealed: String,
+        message: String,
+    },
     Unenroll,
 }
 

@@ -86,7 +86,11 @@ pub(crate) fn command_context(action_id: &str) -> String {
 }
 
 impl App {
-    pub async fn set_passcode_policy(&self, site_id: &str, policy: PasscodePolicy) -> Result<PasscodePolicy> {
+    pub async fn set_passcode_policy(
+        &self,
+        site_id: &str,
+        policy: PasscodePolicy,
+    ) -> Result<PasscodePolicy> {
         validate_policy(&policy)?;
         let mut site = self.site(site_id)?;
         site.passcode_policy = policy;
@@ -95,9 +99,12 @@ impl App {
         // Devices online now learn it at once; the others on their next hello.
         let mut token = String::new();
         loop {
-            let page = self.storage.list_devices(site_id, &token, 1000, |d| d.status == DeviceStatus::Active)?;
+            let page = self
+                .storage
+                .list_devices(site_id, &token, 1000, |d| d.status == DeviceStatus::Active)?;
             for device in &page.items {
-                self.live.signal(&device.device_id, StreamSignal::PolicyChanged);
+                self.live
+                    .signal(&device.device_id, StreamSignal::PolicyChanged);
             }
             if page.next_page_token.is_empty() {
                 break;
@@ -131,7 +138,10 @@ impl App {
         ttl: Option<Duration>,
     ) -> Result<(Action, Zeroizing<String>)> {
         let device = self.get_device(device_id)?;
-        if !confirm_user_email.trim().eq_ignore_ascii_case(&device.user_email) {
+        if !confirm_user_email
+            .trim()
+            .eq_ignore_ascii_case(&device.user_email)
+        {
             return Err(Error::FailedPrecondition(format!(
                 "confirm_user_email does not match the user of device {device_id}; check the device and its user"
             )));
@@ -168,7 +178,14 @@ impl App {
             self.storage.put_notification(notification)?;
         }
         let action = self
-            .queue_command_as(action_id, device_id, admin_email, ActionType::ResetPasscode, payload, ttl)
+            .queue_command_as(
+                action_id,
+                device_id,
+                admin_email,
+                ActionType::ResetPasscode,
+                payload,
+                ttl,
+            )
             .await?;
         tracing::info!(
             action_id = %action.action_id,
@@ -183,9 +200,11 @@ impl App {
     /// The passcode inside a reset command, for sending it to the device.
     pub fn command_passcode(&self, action: &Action) -> Option<Zeroizing<String>> {
         match &action.payload {
-            Some(CommandPayload::ResetPasscode { passcode_sealed, .. }) => {
-                self.secrets.open(passcode_sealed, &command_context(&action.action_id))
-            }
+            Some(CommandPayload::ResetPasscode {
+                passcode_sealed, ..
+            }) => self
+                .secrets
+                .open(passcode_sealed, &command_context(&action.action_id)),
             _ => None,
         }
     }
@@ -210,21 +229,30 @@ impl App {
             locked: security.locked,
             latest_reset_passcode: None,
             reset_at: security.latest_reset.as_ref().map(|r| r.reset_at),
-            reset_by: security.latest_reset.as_ref().map(|r| r.reset_by.clone()).unwrap_or_default(),
+            reset_by: security
+                .latest_reset
+                .as_ref()
+                .map(|r| r.reset_by.clone())
+                .unwrap_or_default(),
         };
         if let Some(latest) = &security.latest_reset {
             let site = self.site(&device.site_id)?;
             let days = i64::from(site.reset_passcode_visible_days);
             let hidden = days > 0 && now_millis() - latest.reset_at > days * 86_400_000;
             if !hidden {
-                view.latest_reset_passcode = self.secrets.open(&latest.passcode_sealed, &device_context(&device.device_id));
+                view.latest_reset_passcode = self
+                    .secrets
+                    .open(&latest.passcode_sealed, &device_context(&device.device_id));
                 if view.latest_reset_passcode.is_some() {
                     self.storage.append_audit(
                         &device.device_id,
                         &AuditEntry {
                             at: now_millis(),
                             who: viewer.to_owned(),
-                            what: format!("viewed the latest reset passcode (action {})", latest.action_id),
+                            what: format!(
+                                "viewed the latest reset passcode (action {})",
+                                latest.action_id
+                            ),
                         },
                     )?;
                     tracing::info!(device_id = %device.device_id, viewer, "latest reset passcode viewed");
@@ -239,8 +267,18 @@ impl App {
     }
 }
 
-fn reset_email(device: &Device, action_id: &str, admin: &str, recipient: String, now: Millis) -> Notification {
-    let name = if device.facts.hostname.is_empty() { device.device_id.clone() } else { device.facts.hostname.clone() };
+fn reset_email(
+    device: &Device,
+    action_id: &str,
+    admin: &str,
+    recipient: String,
+    now: Millis,
+) -> Notification {
+    let name = if device.facts.hostname.is_empty() {
+        device.device_id.clone()
+    } else {
+        device.facts.hostname.clone()
+    };
     Notification {
         notification_id: time_ordered_id(),
         site_id: device.site_id.clone(),
@@ -266,7 +304,12 @@ mod tests {
     use super::*;
 
     fn policy(complexity: PasscodeComplexity, min_length: u32) -> PasscodePolicy {
-        PasscodePolicy { required: true, min_length, complexity, max_age_days: 0 }
+        PasscodePolicy {
+            required: true,
+            min_length,
+            complexity,
+            max_age_days: 0,
+        }
     }
 
     #[test]
@@ -278,7 +321,10 @@ mod tests {
 
             let alnum = generate_device_passcode(&policy(PasscodeComplexity::Alphanumeric, 10));
             assert_eq!(alnum.len(), 10);
-            assert!(alnum.bytes().any(|b| b.is_ascii_digit()) && alnum.bytes().any(|b| b.is_ascii_alphabetic()));
+            assert!(
+                alnum.bytes().any(|b| b.is_ascii_digit())
+                    && alnum.bytes().any(|b| b.is_ascii_alphabetic())
+            );
 
             let complex = generate_device_passcode(&policy(PasscodeComplexity::Complex, 4));
             assert_eq!(complex.len(), 8, "never shorter than 8");

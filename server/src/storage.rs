@@ -789,13 +789,19 @@ impl Storage {
     // ---- audit trail ----
 
     pub fn append_audit(&self, device_id: &str, entry: &AuditEntry) -> Result<(), StorageError> {
-        self.device_audit
-            .insert(key2(device_id, &crate::model::time_ordered_id()), encode(entry))?;
+        self.device_audit.insert(
+            key2(device_id, &crate::model::time_ordered_id()),
+            encode(entry),
+        )?;
         Ok(())
     }
 
     /// The device's audit trail, newest first, at most `limit` entries.
-    pub fn list_audit(&self, device_id: &str, limit: usize) -> Result<Vec<AuditEntry>, StorageError> {
+    pub fn list_audit(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
         self.device_audit
             .scan_prefix(prefix(device_id))
             .rev()
@@ -807,8 +813,10 @@ impl Storage {
     // ---- alerts and outbox ----
 
     pub fn put_notification(&self, notification: &Notification) -> Result<(), StorageError> {
-        self.outbox
-            .insert(notification.notification_id.as_bytes(), encode(notification))?;
+        self.outbox.insert(
+            notification.notification_id.as_bytes(),
+            encode(notification),
+        )?;
         Ok(())
     }
 

@@ -91,7 +91,10 @@ impl AgentService for AgentApi {
         };
         self.app.device_seen(&device.device_id, facts)?;
         if let Some(compliance) = hello.compliance {
-            self.app.record_compliance(&device.device_id, convert::compliance_from_proto(compliance))?;
+            self.app.record_compliance(
+                &device.device_id,
+                convert::compliance_from_proto(compliance),
+            )?;
         }
         let policy = self.app.device_policy(&device.device_id)?;
         let registration = self.app.live.register(&device.device_id);
@@ -217,7 +220,8 @@ impl Session {
                 continue;
             }
             let passcode = self.app.command_passcode(&action);
-            let Some(command) = convert::command(&action, passcode.as_ref().map(|p| p.as_str())) else {
+            let Some(command) = convert::command(&action, passcode.as_ref().map(|p| p.as_str()))
+            else {
                 tracing::error!(action_id = %action.action_id, "a queued command cannot be unsealed; skipped");
                 continue;
             };
@@ -250,7 +254,10 @@ impl Session {
                 return Ok(());
             }
             Some(Inbound::Compliance(compliance)) => {
-                if let Err(error) = self.app.record_compliance(&self.device_id, convert::compliance_from_proto(compliance)) {
+                if let Err(error) = self
+                    .app
+                    .record_compliance(&self.device_id, convert::compliance_from_proto(compliance))
+                {
                     tracing::warn!(%error, "cannot record compliance");
                 }
                 return Ok(());

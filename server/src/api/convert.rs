@@ -6,13 +6,13 @@ use tonic::Status;
 
 use crate::error::Error;
 use crate::identity::AdminIdentity;
-use crate::reset::SecurityView;
 use crate::model::{
-    Action, ActionStatus, ActionType, Alert, AlertKind, Capability, CommandPayload,
-    CompanyPasscodeInfo, Device, DeviceFacts, DeviceStatus, FailureCode, Millis, AuditEntry, Compliance,
-    PasscodeComplexity, PasscodePolicy, Notification,
-    NotificationState, PasscodeState, Platform, Site, User,
+    Action, ActionStatus, ActionType, Alert, AlertKind, AuditEntry, Capability, CommandPayload,
+    CompanyPasscodeInfo, Compliance, Device, DeviceFacts, DeviceStatus, FailureCode, Millis,
+    Notification, NotificationState, PasscodeComplexity, PasscodePolicy, PasscodeState, Platform,
+    Site, User,
 };
+use crate::reset::SecurityView;
 
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -358,10 +358,12 @@ pub fn command(action: &Action, passcode: Option<&str>) -> Option<pb::Command> {
         CommandPayload::Lock { message } => pb::command::Payload::Lock(pb::LockCommand {
             message: message.clone(),
         }),
-        CommandPayload::ResetPasscode { message, .. } => pb::command::Payload::ResetPasscode(pb::ResetPasscodeCommand {
-            passcode: passcode?.to_owned(),
-            message: message.clone(),
-        }),
+        CommandPayload::ResetPasscode { message, .. } => {
+            pb::command::Payload::ResetPasscode(pb::ResetPasscodeCommand {
+                passcode: passcode?.to_owned(),
+                message: message.clone(),
+            })
+        }
         CommandPayload::Unenroll => pb::command::Payload::Unenroll(pb::UnenrollCommand {}),
     };
     Some(pb::Command {
@@ -419,7 +421,8 @@ pub fn policy(policy: PasscodePolicy) -> pb::PasscodePolicy {
 }
 
 pub fn policy_from_proto(policy: Option<pb::PasscodePolicy>) -> Result<PasscodePolicy, Status> {
-    let policy = policy.ok_or_else(|| Status::from(Error::InvalidArgument("policy is required".into())))?;
+    let policy =
+        policy.ok_or_else(|| Status::from(Error::InvalidArgument("policy is required".into())))?;
     let complexity = match policy.complexity() {
         pb::PasscodeComplexity::Numeric => PasscodeComplexity::Numeric,
         pb::PasscodeComplexity::Alphanumeric => PasscodeComplexity::Alphanumeric,
@@ -451,7 +454,10 @@ pub fn security(view: SecurityView) -> pb::DeviceSecurity {
     pb::DeviceSecurity {
         compliant: view.compliant,
         locked: view.locked,
-        latest_reset_passcode: view.latest_reset_passcode.map(|p| p.as_str().to_owned()).unwrap_or_default(),
+        latest_reset_passcode: view
+            .latest_reset_passcode
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
         reset_at: opt_timestamp(view.reset_at),
         reset_by: view.reset_by,
         compliance: view.compliance.map(|c| pb::PasscodeCompliance {

@@ -82,7 +82,10 @@ impl DeviceService for DeviceApi {
         }))
     }
 
-    async fn reset_passcode(&self, request: Request<pb::ResetPasscodeRequest>) -> Rpc<pb::ResetPasscodeResponse> {
+    async fn reset_passcode(
+        &self,
+        request: Request<pb::ResetPasscodeRequest>,
+    ) -> Rpc<pb::ResetPasscodeResponse> {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
@@ -98,7 +101,14 @@ impl DeviceService for DeviceApi {
         let ttl = convert::duration("ttl", request.ttl)?;
         let (action, passcode) = self
             .app
-            .reset_passcode(device_id, &admin.email, &request.confirm_user_email, request.notify_user, message, ttl)
+            .reset_passcode(
+                device_id,
+                &admin.email,
+                &request.confirm_user_email,
+                request.notify_user,
+                message,
+                ttl,
+            )
             .await?;
         Ok(Response::new(pb::ResetPasscodeResponse {
             action: Some(convert::action(action)),
