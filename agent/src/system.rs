@@ -334,9 +334,12 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// (program, args, stdin) of one call.
+    type Call = (String, Vec<String>, Option<String>);
+
     #[derive(Debug, Default)]
     struct Recorder {
-        calls: Mutex<Vec<(String, Vec<String>, Option<String>)>>,
+        calls: Mutex<Vec<Call>>,
     }
 
     impl CommandRunner for std::sync::Arc<Recorder> {

@@ -236,7 +236,7 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
     );
 
     // A fresh simulated device has no passcode: not compliant.
-    let security = eventually("initial compliance", || {
+    eventually("initial compliance", || {
         let device_id = device_id.clone();
         let server = &server;
         async move {
@@ -251,7 +251,6 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
         }
     })
     .await;
-    let _ = security;
     let security = get(&server, &device_id)
         .await
         .device
