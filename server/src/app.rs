@@ -33,6 +33,8 @@ pub struct App {
     pub(crate) device_cert_lifetime: std::time::Duration,
     pub(crate) heartbeat_interval: std::time::Duration,
     pub(crate) live: LiveStreams,
+    /// Pokes the outbox deliverer.
+    pub(crate) outbox_wake: Arc<tokio::sync::Notify>,
     /// Seals reset passcodes at rest.
     pub(crate) secrets: crate::crypto::SecretBox,
     /// Every change of an action, for `WatchActions`.
@@ -60,6 +62,7 @@ impl App {
             live: LiveStreams::default(),
             action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
             secrets: crate::crypto::SecretBox::new(&keys.derive("reset-passcode/v1")),
+            outbox_wake: Arc::default(),
         }
     }
 

@@ -258,6 +258,7 @@ impl App {
                         "company passcode locked out after too many failed attempts"
                     );
                     let _ = self.alerts.send(*alert);
+                    self.wake_outbox();
                 }
                 FailedAttempt::Counted { failed_attempts } => {
                     tracing::info!(site_id = %site_id, failed_attempts, %source, "wrong company passcode");

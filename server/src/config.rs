@@ -75,6 +75,24 @@ pub struct ServeArgs {
     /// Heartbeat interval of agent streams, e.g. 30s [default: 30s].
     #[arg(long, env = "MDM_HEARTBEAT_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_interval: Option<Duration>,
+    /// SMTP relay host; without one, emails are written as .eml files under the data dir.
+    #[arg(long, env = "MDM_SMTP_HOST", value_name = "HOST")]
+    pub smtp_host: Option<String>,
+    /// SMTP port [default: 587 for starttls, 465 for tls, 25 for none].
+    #[arg(long, env = "MDM_SMTP_PORT", value_name = "PORT")]
+    pub smtp_port: Option<u16>,
+    /// starttls (default), tls (implicit) or none (a relay on this machine only).
+    #[arg(long, env = "MDM_SMTP_TLS", value_enum)]
+    pub smtp_tls: Option<crate::notify::SmtpTls>,
+    /// SMTP user name; the password comes from MDM_SMTP_PASSWORD.
+    #[arg(long, env = "MDM_SMTP_USERNAME", value_name = "USER")]
+    pub smtp_username: Option<String>,
+    /// The From address of the server's emails.
+    #[arg(long, env = "MDM_SMTP_FROM", value_name = "ADDRESS")]
+    pub smtp_from: Option<String>,
+    /// PEM CA certificate of the relay, if it is not publicly trusted.
+    #[arg(long, env = "MDM_SMTP_CA", value_name = "FILE")]
+    pub smtp_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +151,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How often expired commands are looked for.
     pub expiry_interval: Duration,
+    /// The mail relay; None writes `.eml` files under the data dir.
+    pub smtp: Option<crate::notify::SmtpConfig>,
+    pub outbox_retry: crate::notify::RetryPolicy,
 }
 
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -180,6 +201,8 @@ impl Config {
             device_cert_lifetime: DEFAULT_DEVICE_CERT_LIFETIME,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             expiry_interval: Duration::from_secs(1),
+            smtp: None,
+            outbox_retry: Default::default(),
         }
     }
 }
@@ -199,6 +222,77 @@ struct FileConfig {
     owner_email: Option<String>,
     device_cert_lifetime: Option<String>,
     heartbeat_interval: Option<String>,
+    smtp: Option<FileSmtp>,
+}
+
+/// `[smtp]` in the config file. The password only ever comes from the
+/// environment (`MDM_SMTP_PASSWORD`), never from a file or argv.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSmtp {
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<crate::notify::SmtpTls>,
+    username: Option<String>,
+    from: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+fn smtp_config(
+    args: &ServeArgs,
+    file: Option<FileSmtp>,
+) -> Result<Option<crate::notify::SmtpConfig>, ConfigError> {
+    use crate::notify::{SmtpConfig, SmtpTls};
+    let file = file.unwrap_or_default();
+    let Some(host) = args.smtp_host.clone().or(file.host) else {
+        return Ok(None);
+    };
+    let tls = args.smtp_tls.or(file.tls).unwrap_or(SmtpTls::Starttls);
+    let port = args.smtp_port.or(file.port).unwrap_or(match tls {
+        SmtpTls::Tls => 465,
+        SmtpTls::Starttls => 587,
+        SmtpTls::None => 25,
+    });
+    if port == 0 {
+        return Err(ConfigError("smtp port must not be 0".into()));
+    }
+    if tls == SmtpTls::None && !matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1") {
+        return Err(ConfigError(format!(
+            "smtp tls = none is only allowed for a relay on this machine, not {host:?}; use starttls or tls"
+        )));
+    }
+    let from = args.smtp_from.clone().or(file.from).ok_or_else(|| {
+        ConfigError("smtp needs a from address (--smtp-from or [smtp] from)".into())
+    })?;
+    let username = args.smtp_username.clone().or(file.username);
+    let password = std::env::var("MDM_SMTP_PASSWORD")
+        .ok()
+        .map(zeroize::Zeroizing::new);
+    if username.is_some() != password.is_some() {
+        return Err(ConfigError(
+            "smtp authentication needs both a username and MDM_SMTP_PASSWORD".into(),
+        ));
+    }
+    let ca_pem = match args.smtp_ca.clone().or(file.ca_file) {
+        Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError(format!(
+                "cannot read the smtp CA file {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let smtp = SmtpConfig {
+        host,
+        port,
+        tls,
+        username,
+        password,
+        from,
+        ca_pem,
+    };
+    crate::notify::check_config(Some(&smtp)).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(Some(smtp))
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -276,6 +370,8 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
                 .map_err(|e| ConfigError(format!("config file: heartbeat_interval {e}")))?)
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
         expiry_interval: Duration::from_secs(1),
+        smtp: smtp_config(args, file.smtp)?,
+        outbox_retry: Default::default(),
     })
 }
 

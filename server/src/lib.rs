@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod live;
 pub mod model;
+pub mod notify;
 pub mod pki;
 pub mod reset;
 pub mod server;

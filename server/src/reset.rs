@@ -187,6 +187,7 @@ impl App {
                 ttl,
             )
             .await?;
+        self.wake_outbox();
         tracing::info!(
             action_id = %action.action_id,
             device_id,

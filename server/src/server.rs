@@ -44,6 +44,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot set up reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
 }
 
 /// Creates the data dir on first start; on later starts checks it is ours.
@@ -193,6 +195,15 @@ pub async fn run(
     }
     tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "serving");
 
+    // The outbox is delivered in the background.
+    let outbox = crate::notify::Outbox::new(
+        app.clone(),
+        config.smtp.as_ref(),
+        dir.root().join("outbox/mail"),
+        config.outbox_retry,
+    )?;
+    let outbox = tokio::spawn(outbox.run(stop_rx.clone()));
+
     // Commands whose time ran out are expired in the background.
     let expiry = {
         let app = app.clone();
@@ -255,6 +266,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     accept.abort();
     let _ = expiry.await;
+    let _ = outbox.await;
     // tonic returns once every connection has let go of its shutdown signal,
     // which can be a moment before the task drops its handle on the services.
     // Wait for those handles so the database is closed when `run` returns and

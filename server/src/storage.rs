@@ -132,6 +132,8 @@ pub struct Storage {
     action_expiry: sled::Tree,
     /// device_id \0 entry id (time-ordered) -> AuditEntry
     device_audit: sled::Tree,
+    /// notification_id -> () for notifications still to deliver
+    outbox_pending: sled::Tree,
     /// Serialises read-modify-write of actions.
     actions_lock: Arc<Mutex<()>>,
     commit: Arc<GroupCommit>,
@@ -274,6 +276,7 @@ impl Storage {
             device_queue: db.open_tree("device_queue")?,
             action_expiry: db.open_tree("action_expiry")?,
             device_audit: db.open_tree("device_audit")?,
+            outbox_pending: db.open_tree("outbox_pending")?,
             actions_lock: Arc::default(),
             commit: Arc::default(),
             devices_lock: Arc::default(),
@@ -563,10 +566,7 @@ impl Storage {
             encode(&pending.alert),
         )?;
         for notification in &pending.notifications {
-            self.outbox.insert(
-                notification.notification_id.as_bytes(),
-                encode(notification),
-            )?;
+            self.put_notification(notification)?;
         }
         self.passcodes
             .insert(record.site_id.as_bytes(), encode(&record))?;
@@ -812,12 +812,41 @@ impl Storage {
 
     // ---- alerts and outbox ----
 
+    /// Stores a notification; the pending index entry goes in before a
+    /// pending record and comes out after a final one.
     pub fn put_notification(&self, notification: &Notification) -> Result<(), StorageError> {
-        self.outbox.insert(
-            notification.notification_id.as_bytes(),
-            encode(notification),
-        )?;
+        let id = notification.notification_id.as_bytes();
+        let pending = notification.state == NotificationState::Pending;
+        if pending {
+            self.outbox_pending.insert(id, &[])?;
+        }
+        self.outbox.insert(id, encode(notification))?;
+        if !pending {
+            self.outbox_pending.remove(id)?;
+        }
         Ok(())
+    }
+
+    /// Notifications still to deliver, oldest first.
+    pub fn pending_notifications(&self) -> Result<Vec<Notification>, StorageError> {
+        let mut pending = Vec::new();
+        for key in self.outbox_pending.iter().keys() {
+            let key = key?;
+            match self.outbox.get(&key)? {
+                Some(bytes) => {
+                    let notification: Notification = decode(&bytes)?;
+                    if notification.state == NotificationState::Pending {
+                        pending.push(notification);
+                    } else {
+                        self.outbox_pending.remove(&key)?;
+                    }
+                }
+                None => {
+                    self.outbox_pending.remove(&key)?;
+                }
+            }
+        }
+        Ok(pending)
     }
 
     /// A site's alerts, newest first.

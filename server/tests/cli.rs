@@ -41,6 +41,44 @@ fn missing_or_malformed_config_exits_64_with_one_line_and_creates_nothing() {
         (vec!["serve", "--owner-email", "nobody"], "owner email"),
         (vec!["serve", "--bogus"], "--bogus"),
         (vec!["frobnicate"], "frobnicate"),
+        (
+            vec![
+                "serve",
+                "--smtp-host",
+                "mail.example.com",
+                "--smtp-tls",
+                "none",
+                "--smtp-from",
+                "a@example.com",
+            ],
+            "smtp",
+        ),
+        (
+            vec!["serve", "--smtp-host", "mail.example.com"],
+            "from address",
+        ),
+        (
+            vec![
+                "serve",
+                "--smtp-host",
+                "mail.example.com",
+                "--smtp-from",
+                "not an address",
+            ],
+            "from address",
+        ),
+        (
+            vec![
+                "serve",
+                "--smtp-host",
+                "mail.example.com",
+                "--smtp-from",
+                "a@example.com",
+                "--smtp-username",
+                "u",
+            ],
+            "MDM_SMTP_PASSWORD",
+        ),
     ];
     std::fs::write(
         temp.path().join("bad.toml"),

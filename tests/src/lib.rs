@@ -542,6 +542,108 @@ pub async fn site_with_passcode(
     (site.site_id, passcode)
 }
 
+/// A real SMTP server (Python's aiosmtpd, installed by `cargo xtask test`)
+/// on a loopback port, storing what it receives in a maildir.
+pub struct SmtpServer {
+    pub port: u16,
+    maildir: PathBuf,
+    child: Option<tokio::process::Child>,
+    _temp: tempfile::TempDir,
+}
+
+impl SmtpServer {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let maildir = temp.path().join("maildir");
+        let python_path = std::env::var_os("MDM_TOOLS_PYTHONPATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/tools/python"));
+        assert!(
+            python_path.join("aiosmtpd").exists(),
+            "aiosmtpd is not installed in {}: run `cargo xtask test` (or `cargo xtask tools`) once",
+            python_path.display()
+        );
+        let child = tokio::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .env("PYTHONPATH", &python_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        eventually("the SMTP server listens", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Self {
+            port,
+            maildir,
+            child: Some(child),
+            _temp: temp,
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Every message received so far, raw.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else {
+            return Vec::new();
+        };
+        let mut messages: Vec<String> = entries
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        messages.sort();
+        messages
+    }
+
+    /// Server settings that deliver to this relay, retrying quickly.
+    pub fn configure(&self, config: &mut mdm_server::Config) {
+        Self::configure_port(self.port, config);
+    }
+
+    /// Server settings for a relay on loopback `port`, up or not.
+    pub fn configure_port(port: u16, config: &mut mdm_server::Config) {
+        config.smtp = Some(mdm_server::notify::SmtpConfig {
+            host: "127.0.0.1".into(),
+            port,
+            tls: mdm_server::notify::SmtpTls::None,
+            username: None,
+            password: None,
+            from: "MDM <mdm@example.com>".into(),
+            ca_pem: None,
+        });
+        config.outbox_retry.first = Duration::from_millis(200);
+        config.outbox_retry.max = Duration::from_secs(1);
+    }
+}
+
+/// A header of a raw email.
+pub fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    message
+        .lines()
+        .find(|l| {
+            l.len() > name.len()
+                && l[..name.len()].eq_ignore_ascii_case(name)
+                && l[name.len()..].starts_with(':')
+        })
+        .map(|l| l[name.len() + 1..].trim())
+}
+
 /// Where `cargo xtask test` installed grpcurl. Missing grpcurl fails the
 /// test when tools are required (always under `cargo xtask test` and CI).
 pub fn grpcurl_path() -> PathBuf {

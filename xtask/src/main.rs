@@ -64,8 +64,12 @@ fn run(step: &str, command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// A real SMTP server for the notification tests, with its pinned dependencies.
+const SMTP_PACKAGES: [&str; 3] = ["aiosmtpd==1.4.6", "atpublic==9.0.0", "attrs==26.1.0"];
+
 struct Tools {
     grpcurl: PathBuf,
+    python_path: PathBuf,
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -96,6 +100,7 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(extra)
             .env("MDM_GRPCURL", &tools.grpcurl)
+            .env("MDM_TOOLS_PYTHONPATH", &tools.python_path)
             .env("MDM_AGENT_BIN", target.join("debug/mdm-agent"))
             .env("MDM_SERVER_BIN", target.join("debug/mdm-server")),
     )
@@ -109,7 +114,29 @@ fn install_tools() -> Result<Tools> {
     if sha256_file(&grpcurl).ok().as_deref() != Some(GRPCURL_SHA256) {
         install_grpcurl(&tools, &grpcurl)?;
     }
-    Ok(Tools { grpcurl })
+    let python_path = tools.join("python");
+    if !python_path.join("aiosmtpd-1.4.6.dist-info").exists() {
+        run(
+            "pip install aiosmtpd",
+            Command::new(python())
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "--root-user-action=ignore",
+                    "--target",
+                ])
+                .arg(&python_path)
+                .args(SMTP_PACKAGES),
+        )?;
+    }
+    Ok(Tools {
+        grpcurl,
+        python_path,
+    })
 }
 
 fn install_grpcurl(tools: &Path, dest: &Path) -> Result<()> {
