@@ -423,7 +423,8 @@ async fn wrong_passcodes_count_toward_lockout_and_a_locked_or_disabled_passcode_
         .notifications;
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].recipient, "owner@localhost");
-    assert_eq!(outbox[0].state(), pb::NotificationState::Pending);
+    // Delivered in the background (to an .eml file here): pending or already out.
+    assert_ne!(outbox[0].state(), pb::NotificationState::Failed);
 
     // Regenerate re-enables; disable turns it off again.
     let mut sites = SiteServiceClient::new(server.admin_channel(&server.owner()).await);
