@@ -177,8 +177,9 @@ impl App {
         Ok(action)
     }
 
-    /// Tells watchers about a changed action.
+    /// Tells watchers (and the site's webhook) about a changed action.
     pub(crate) fn publish(&self, action: Action) {
+        self.queue_action_webhook(&action);
         let _ = self.action_updates.send(action);
     }
 

@@ -302,6 +302,14 @@ impl App {
             };
         recipients.sort();
         recipients.dedup();
+        let webhook = site.webhook.as_ref().map(|webhook| {
+            crate::webhook::notification(
+                &site.site_id,
+                webhook,
+                crate::webhook::alert_event(&alert),
+                "alert",
+            )
+        });
         let notifications = recipients
             .into_iter()
             .map(|recipient| Notification {
@@ -322,6 +330,7 @@ impl App {
                 next_attempt_at: now,
                 delivered_at: None,
             })
+            .chain(webhook)
             .collect();
         (alert, notifications)
     }

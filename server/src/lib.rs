@@ -26,6 +26,7 @@ pub mod storage;
 pub mod throttle;
 pub mod tls;
 pub mod users;
+pub mod webhook;
 
 pub use config::Config;
 pub use server::run;

@@ -25,6 +25,16 @@ pub struct Site {
     pub reset_passcode_visible_days: u32,
     #[serde(default)]
     pub passcode_policy: PasscodePolicy,
+    #[serde(default)]
+    pub webhook: Option<Webhook>,
+}
+
+/// Where a site's security events are posted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Webhook {
+    pub url: String,
+    /// The signing key, sealed with the server's webhook key.
+    pub secret_sealed: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

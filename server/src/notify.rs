@@ -236,6 +236,9 @@ impl Outbox {
     }
 
     async fn deliver(&self, notification: &Notification) -> Result<(), String> {
+        if notification.channel == "webhook" {
+            return self.app.post_webhook(notification).await;
+        }
         let body = self.render(notification)?;
         let from = match &self.sink {
             Sink::Smtp { from, .. } | Sink::Files { from, .. } => from.clone(),

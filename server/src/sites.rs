@@ -62,6 +62,7 @@ impl App {
                 created_at: now_millis(),
                 reset_passcode_visible_days: 0,
                 passcode_policy: Default::default(),
+                webhook: None,
             };
             if self.storage.insert_site(&site)? {
                 self.commit().await?;

@@ -246,3 +246,118 @@ async fn without_a_relay_emails_are_written_as_eml_files() {
     })
     .await;
 }
+
+/// A minimal HTTP receiver on loopback: answers 200 and hands over
+/// (signature header, body) of every POST.
+async fn webhook_receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buffer).into_owned();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buffer.len() < end + 4 + length {
+                        continue;
+                    }
+                    let signature = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("x-mdm-signature:")
+                                .or_else(|| l.strip_prefix("X-MDM-Signature:"))
+                        })
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned();
+                    let body =
+                        String::from_utf8_lossy(&buffer[end + 4..end + 4 + length]).into_owned();
+                    let _ = tx.send((signature, body));
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    buffer.clear();
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_webhook_receives_signed_alerts_and_action_changes() {
+    let server = TestServer::start().await;
+    let (site_id, _) = site_with_passcode(&server, "sam@example.com", 1).await;
+    let mut sites = pb::site_service_client::SiteServiceClient::new(
+        server.admin_channel(&server.owner()).await,
+    );
+    let status = sites
+        .set_webhook(pb::SetWebhookRequest {
+            site_id: site_id.clone(),
+            url: "http://hooks.example.com/x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("https"), "{}", status.message());
+
+    let (port, mut received) = webhook_receiver().await;
+    let set = sites
+        .set_webhook(pb::SetWebhookRequest {
+            site_id: site_id.clone(),
+            url: format!("http://127.0.0.1:{port}/hook"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.secret.len(), 64);
+
+    wrong_passcode(&server, "sam@example.com").await;
+    let (signature, body) = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["type"], "alert");
+    assert_eq!(event["site_id"], site_id.as_str());
+    assert_eq!(event["data"]["failed_attempts"], 1);
+    let timestamp: i64 = signature
+        .strip_prefix("t=")
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now - timestamp).abs() < 60, "fresh timestamp");
+    assert_eq!(
+        signature,
+        mdm_server::webhook::signature(&set.secret, timestamp, body.as_bytes()),
+        "valid signature"
+    );
+    assert_ne!(
+        signature,
+        mdm_server::webhook::signature("wrong secret", timestamp, body.as_bytes())
+    );
+}

@@ -79,6 +79,7 @@ pub fn site(site: Site) -> pb::Site {
         failed_attempt_limit: site.failed_attempt_limit,
         created_at: Some(timestamp(site.created_at)),
         reset_passcode_visible_days: site.reset_passcode_visible_days,
+        webhook_url: site.webhook.map(|w| w.url).unwrap_or_default(),
     }
 }
 

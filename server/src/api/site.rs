@@ -133,6 +133,22 @@ impl SiteService for SiteApi {
         }))
     }
 
+    async fn set_webhook(
+        &self,
+        request: Request<pb::SetWebhookRequest>,
+    ) -> Rpc<pb::SetWebhookResponse> {
+        let admin = identity::admin(&request)?;
+        let request = request.into_inner();
+        let site_id = required_id("site_id", &request.site_id)?;
+        authorize_site(&admin, site_id)?;
+        let secret = self.app.set_webhook(site_id, &request.url).await?;
+        tracing::info!(site_id, admin = %admin.email, removed = secret.is_none(), "webhook set");
+        Ok(Response::new(pb::SetWebhookResponse {
+            url: request.url.trim().to_owned(),
+            secret: secret.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        }))
+    }
+
     async fn get_company_passcode(
         &self,
         request: Request<pb::GetCompanyPasscodeRequest>,

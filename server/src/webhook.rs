@@ -1,0 +1,270 @@
+//! Webhooks: a site's security events (alerts, action status changes) are
+//! posted as JSON to its URL, signed so the receiver can trust them:
+//! `X-MDM-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+//! The timestamp lets receivers refuse replays. Deliveries go through the
+//! outbox like emails, with the same retries.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::model::{
+    Action, Alert, Notification, NotificationState, Webhook, now_millis, time_ordered_id,
+};
+
+/// Checks a webhook URL: https, or http to a receiver on this machine.
+pub fn validate_url(url: &str) -> Result<http::Uri> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("url {url:?} is not a URL")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::InvalidArgument(format!("url {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if loopback => Ok(uri),
+        _ => Err(Error::InvalidArgument(format!(
+            "url {url:?} must be https:// (plain http only for a receiver on this machine)"
+        ))),
+    }
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+fn event(kind: &str, site_id: &str, data: serde_json::Value) -> String {
+    serde_json::json!({
+        "id": time_ordered_id(),
+        "type": kind,
+        "site_id": site_id,
+        "created_at": now_millis(),
+        "data": data,
+    })
+    .to_string()
+}
+
+pub(crate) fn alert_event(alert: &Alert) -> String {
+    event(
+        "alert",
+        &alert.site_id,
+        serde_json::json!({
+            "alert_id": alert.alert_id,
+            "kind": format!("{:?}", alert.kind),
+            "details": alert.details,
+            "failed_attempts": alert.failed_attempts,
+            "source_addresses": alert.source_addresses,
+        }),
+    )
+}
+
+fn action_event(action: &Action) -> String {
+    event(
+        "action",
+        &action.site_id,
+        serde_json::json!({
+            "action_id": action.action_id,
+            "device_id": action.device_id,
+            "type": format!("{:?}", action.action_type),
+            "status": format!("{:?}", action.status),
+            "created_by": action.created_by,
+            "failure_reason": action.failure_reason,
+        }),
+    )
+}
+
+pub(crate) fn notification(
+    site_id: &str,
+    webhook: &Webhook,
+    body: String,
+    subject: &str,
+) -> Notification {
+    let now = now_millis();
+    Notification {
+        notification_id: time_ordered_id(),
+        site_id: site_id.to_owned(),
+        channel: "webhook".into(),
+        recipient: webhook.url.clone(),
+        subject: subject.to_owned(),
+        body_text: body,
+        passcode_of_action: None,
+        state: NotificationState::Pending,
+        attempts: 0,
+        last_error: String::new(),
+        created_at: now,
+        next_attempt_at: now,
+        delivered_at: None,
+    }
+}
+
+impl App {
+    /// Sets (or with an empty url removes) the site's webhook; returns the
+    /// new signing secret.
+    pub async fn set_webhook(&self, site_id: &str, url: &str) -> Result<Option<Zeroizing<String>>> {
+        let mut site = self.site(site_id)?;
+        let secret = if url.trim().is_empty() {
+            site.webhook = None;
+            None
+        } else {
+            validate_url(url.trim())?;
+            let secret = Zeroizing::new(hex::encode(crate::crypto::os_random::<32>()));
+            site.webhook = Some(Webhook {
+                url: url.trim().to_owned(),
+                secret_sealed: self.secrets.seal(&secret, &format!("webhook:{site_id}")),
+            });
+            Some(secret)
+        };
+        self.storage.put_site(&site)?;
+        self.commit().await?;
+        Ok(secret)
+    }
+
+    /// Queues an action's change for the site's webhook, if it has one.
+    pub(crate) fn queue_action_webhook(&self, action: &Action) {
+        let Ok(Some(site)) = self.storage.get_site(&action.site_id) else {
+            return;
+        };
+        let Some(webhook) = &site.webhook else {
+            return;
+        };
+        let n = notification(
+            &site.site_id,
+            webhook,
+            action_event(action),
+            &format!("action {:?}", action.status),
+        );
+        if let Err(error) = self.storage.put_notification(&n) {
+            tracing::error!(%error, "cannot queue a webhook event");
+        }
+        self.wake_outbox();
+    }
+
+    /// Posts one webhook notification.
+    pub(crate) async fn post_webhook(&self, n: &Notification) -> std::result::Result<(), String> {
+        let site = self.site(&n.site_id).map_err(|e| e.to_string())?;
+        let webhook = site.webhook.ok_or("the site no longer has a webhook")?;
+        let secret = self
+            .secrets
+            .open(&webhook.secret_sealed, &format!("webhook:{}", site.site_id))
+            .ok_or("the webhook secret cannot be unsealed")?;
+        let body = n.body_text.clone().into_bytes();
+        let signature = signature(&secret, now_millis() / 1000, &body);
+        let uri = validate_url(&n.recipient).map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(20), post(uri, body, signature))
+            .await
+            .map_err(|_| "the webhook receiver did not answer within 20 s".to_owned())?
+    }
+}
+
+async fn post(uri: http::Uri, body: Vec<u8>, signature: String) -> std::result::Result<(), String> {
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(
+            http::header::HOST,
+            uri.authority().map_or(host.clone(), |a| a.to_string()),
+        )
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("X-MDM-Signature", signature)
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let status = if https {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name =
+            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        send(hyper_util::rt::TokioIo::new(tls), request).await?
+    } else {
+        send(hyper_util::rt::TokioIo::new(tcp), request).await?
+    };
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the webhook receiver answered {status}"))
+    }
+}
+
+async fn send<T>(
+    io: T,
+    request: http::Request<Full<Bytes>>,
+) -> std::result::Result<http::StatusCode, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_must_be_https_unless_loopback() {
+        assert!(validate_url("https://hooks.example.com/mdm").is_ok());
+        assert!(validate_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(validate_url("http://[::1]:9000/hook").is_ok());
+        assert!(validate_url("http://localhost/hook").is_ok());
+        assert!(validate_url("http://hooks.example.com/mdm").is_err());
+        assert!(validate_url("ftp://x/y").is_err());
+        assert!(validate_url("not a url").is_err());
+    }
+
+    #[test]
+    fn the_signature_covers_timestamp_and_body() {
+        let a = signature("k", 100, b"{}");
+        assert!(a.starts_with("t=100,v1="));
+        assert_ne!(a, signature("k", 101, b"{}"));
+        assert_ne!(a, signature("k", 100, b"{ }"));
+        assert_ne!(a, signature("j", 100, b"{}"));
+    }
+}
