@@ -32,6 +32,38 @@ enum Command {
     Status,
     /// Connect to the server and stay managed (renews the certificate, obeys commands).
     Run(RunArgs),
+    /// Print (or with --write, install) the service definition for this OS.
+    InstallService {
+        /// Write it to its system location instead of printing it (needs root).
+        #[arg(long)]
+        write: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+const SYSTEMD_UNIT: &str = include_str!("../../packaging/systemd/mdm-agent.service");
+const LAUNCHD_PLIST: &str = include_str!("../../packaging/launchd/com.mdm.agent.plist");
+const WINDOWS_NOTES: &str = include_str!("../../packaging/windows/README.md");
+
+fn install_service(write: bool) -> Result<ExitCode, String> {
+    let (text, path) = if cfg!(target_os = "macos") {
+        (LAUNCHD_PLIST, "/Library/LaunchDaemons/com.mdm.agent.plist")
+    } else if cfg!(target_os = "windows") {
+        (WINDOWS_NOTES, "")
+    } else {
+        (SYSTEMD_UNIT, "/etc/systemd/system/mdm-agent.service")
+    };
+    if !write || path.is_empty() {
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {path}: {e} (run as root)"))?;
+    println!("wrote {path}; next: systemctl daemon-reload && systemctl enable --now mdm-agent");
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +158,17 @@ fn main() -> ExitCode {
             Command::Enroll(args) => enroll(args, state).await,
             Command::Status => status(&state),
             Command::Run(args) => run(args, state).await,
+            Command::InstallService { write } => install_service(write),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "mdm-agent",
+                    &mut std::io::stdout(),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {

@@ -116,6 +116,16 @@ pub fn execute(
                 )?;
             }
         }
+        AdminCommand::Grpcurl { credential } => {
+            let dir = credential.unwrap_or_else(|| DataDir::new(data_dir).owner_credential());
+            if !dir.join("admin.key").exists() {
+                return Err(AdminCliError::Usage(format!(
+                    "{} holds no admin credential",
+                    dir.display()
+                )));
+            }
+            writeln!(out, "{}", grpcurl_flags(&dir))?;
+        }
         AdminCommand::Revoke { email } => {
             let email = email.trim().to_ascii_lowercase();
             let now = OffsetDateTime::now_utc().unix_timestamp();

@@ -38,6 +38,13 @@ pub enum Command {
     /// Manage admin credentials; works whether or not the server is running.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the hardened systemd unit for the server.
+    SystemdUnit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -121,6 +128,12 @@ pub enum AdminCommand {
     Revoke {
         #[arg(long)]
         email: String,
+    },
+    /// Print ready-to-paste grpcurl flags for a credential directory.
+    Grpcurl {
+        /// The credential directory [default: the owner credential in the data dir].
+        #[arg(long, value_name = "DIR")]
+        credential: Option<PathBuf>,
     },
 }
 

@@ -25,6 +25,23 @@ fn main() -> ExitCode {
             init_tracing(config.log_format);
             serve(config)
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "mdm-server",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::SystemdUnit => {
+            print!(
+                "{}",
+                include_str!("../../packaging/systemd/mdm-server.service")
+            );
+            ExitCode::SUCCESS
+        }
         Command::Admin(command) => {
             let data_dir = cli
                 .data_dir

@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("tools") => install_tools().map(|_| ()),
+        Some("demo") => demo(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|tools>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools"
@@ -104,6 +105,38 @@ fn test(extra: &[String]) -> Result<()> {
             .env("MDM_AGENT_BIN", target.join("debug/mdm-agent"))
             .env("MDM_SERVER_BIN", target.join("debug/mdm-server")),
     )
+}
+
+/// Builds the binaries and runs `scripts/walkthrough.sh` in a scratch dir
+/// that is removed afterwards.
+fn demo() -> Result<()> {
+    let tools = install_tools()?;
+    run(
+        "cargo build -p mdm-server -p mdm-agent",
+        cargo().args(["build", "-p", "mdm-server", "-p", "mdm-agent"]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let work = target.join(format!("demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let started = std::time::Instant::now();
+    let result = run(
+        "the walkthrough",
+        Command::new("bash")
+            .arg(root().join("scripts/walkthrough.sh"))
+            .env("MDM_SERVER_BIN", target.join("debug/mdm-server"))
+            .env("MDM_AGENT_BIN", target.join("debug/mdm-agent"))
+            .env("GRPCURL", &tools.grpcurl)
+            .env("WORK", &work)
+            .env("AGENTS", "5"),
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!(
+        "xtask: demo took {:.1} s after the build",
+        started.elapsed().as_secs_f64()
+    );
+    result
 }
 
 fn install_tools() -> Result<Tools> {

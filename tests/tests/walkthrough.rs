@@ -1,0 +1,43 @@
+//! The README walk-through (`scripts/walkthrough.sh`, also what `cargo
+//! xtask demo` runs) against the real binaries and grpcurl, so the
+//! documented commands keep working.
+#![allow(clippy::unwrap_used)]
+
+use mdm_tests::{agent_bin, grpcurl_path, server_bin, workspace_root};
+
+#[test]
+fn the_readme_story_runs_end_to_end() {
+    let work = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new("bash")
+        .arg(workspace_root().join("scripts/walkthrough.sh"))
+        .env("MDM_SERVER_BIN", server_bin())
+        .env("MDM_AGENT_BIN", agent_bin())
+        .env("GRPCURL", grpcurl_path())
+        .env("WORK", work.path())
+        .env("AGENTS", "3")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "walkthrough failed:\n{stdout}\n{stderr}"
+    );
+    for expected in [
+        "mdm.v1.SiteService",
+        "COMPANY_PASSCODE_STATE_ENABLED",
+        "Enrolled as device",
+        "device locked",
+        "latestResetPasscode",
+        "To: alice@example.com",
+        "COMPANY_PASSCODE_STATE_DISABLED",
+        "enrollment refused",
+        "identity removed",
+        "walkthrough: all steps passed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
