@@ -17,6 +17,18 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 pub use mdm_proto::v1 as pb;
 
+pub mod baseline;
+pub mod bench;
+
+/// A channel to `server` from the `i`-th loopback source address.
+pub(crate) async fn bench_channel_from(
+    server: SocketAddr,
+    i: usize,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    bench::channel_from(server, bench::source_ip(i), tls).await
+}
+
 /// A TLS client identity as files on disk (what `admin add --out` writes).
 #[derive(Debug, Clone)]
 pub struct Credential {

@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
         Some("test") => test(&args[1..]),
         Some("tools") => install_tools().map(|_| ()),
         Some("demo") => demo(),
+        Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test|tools>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools"
@@ -137,6 +138,35 @@ fn demo() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     result
+}
+
+/// Release build, then the load generator against the real server.
+fn bench(extra: &[String]) -> Result<()> {
+    run(
+        "cargo build --release (server, bench)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "mdm-server",
+            "-p",
+            "mdm-tests",
+            "--bin",
+            "mdm-server",
+            "--bin",
+            "mdm-bench",
+        ]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    run(
+        "mdm-bench",
+        Command::new(target.join("release/mdm-bench"))
+            .arg("--server-bin")
+            .arg(target.join("release/mdm-server"))
+            .args(extra),
+    )
 }
 
 fn install_tools() -> Result<Tools> {

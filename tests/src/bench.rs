@@ -1,0 +1,526 @@
+//! The scale benchmark behind `cargo xtask bench`: thousands of agents in
+//! one process, each with its own key, CSR-issued certificate and mTLS
+//! connection from its own loopback address, against the real server
+//! binary; and the same fan-out against a bare tonic + rustls echo server
+//! measured in the same run.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::pb;
+use pb::connect_request::Message as Up;
+use pb::connect_response::Message as Down;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub agents: usize,
+    pub server_bin: PathBuf,
+    /// Concurrent enrollments and admin clients.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            samples
+                .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        Self {
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct FanOut {
+    pub total_s: f64,
+    pub per_action: Latency,
+    pub admin_call: Latency,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    pub agents: usize,
+    pub enroll_per_s: f64,
+    pub enroll: Latency,
+    pub connect_ramp_s: f64,
+    pub server_rss_before_kb: u64,
+    pub server_rss_after_kb: u64,
+    pub kb_per_agent: f64,
+    pub lock: FanOut,
+    pub reset: FanOut,
+    pub list_actions_page_100: Latency,
+    pub actions_stored: usize,
+    pub baseline_fanout_s: f64,
+    pub lock_vs_baseline: f64,
+}
+
+pub(crate) fn source_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 2) as u8,
+    ))
+}
+
+/// A channel from loopback address `source` to `server`.
+pub(crate) async fn channel_from(
+    server: SocketAddr,
+    source: IpAddr,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    Endpoint::from_shared(format!("https://localhost:{}", server.port()))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(30))
+        .connect_with_connector(connector)
+        .await
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// One simulated agent on its own stream: acknowledges, reports progress
+/// and success for every command, and tells `done` when each finished.
+async fn agent_session(
+    channel: Channel,
+    done: mpsc::UnboundedSender<(String, Instant)>,
+    connected: Arc<AtomicUsize>,
+) {
+    let (tx, rx) = mpsc::channel(32);
+    let capabilities = [
+        pb::ActionType::Lock,
+        pb::ActionType::ResetPasscode,
+        pb::ActionType::Unenroll,
+    ]
+    .iter()
+    .map(|a| pb::DeviceCapability {
+        action: (*a).into(),
+        supported: true,
+        reason: String::new(),
+    })
+    .collect();
+    let hello = pb::AgentHello {
+        facts: Some(pb::DeviceFacts {
+            platform: pb::Platform::Linux.into(),
+            agent_version: "bench".into(),
+            capabilities,
+            ..Default::default()
+        }),
+        compliance: None,
+    };
+    let _ = tx
+        .send(pb::ConnectRequest {
+            message: Some(Up::Hello(hello)),
+        })
+        .await;
+    let Ok(response) = pb::agent_service_client::AgentServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut inbound = response.into_inner();
+    while let Some(Ok(message)) = inbound.next().await {
+        match message.message {
+            Some(Down::Hello(_)) => {
+                connected.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Down::Command(command)) => {
+                let id = command.command_id.clone();
+                let send = |m| pb::ConnectRequest { message: Some(m) };
+                let _ = tx
+                    .send(send(Up::Ack(pb::CommandAck {
+                        command_id: id.clone(),
+                    })))
+                    .await;
+                let step = if command.r#type() == pb::ActionType::ResetPasscode {
+                    "passcode set"
+                } else {
+                    "device locked"
+                };
+                let _ = tx
+                    .send(send(Up::Progress(pb::CommandProgress {
+                        command_id: id.clone(),
+                        step: step.into(),
+                    })))
+                    .await;
+                let _ = tx
+                    .send(send(Up::Result(pb::CommandResult {
+                        command_id: id.clone(),
+                        succeeded: true,
+                        ..Default::default()
+                    })))
+                    .await;
+                let _ = done.send((id, Instant::now()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs the whole benchmark. Prints progress to stderr.
+pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let n = options.agents;
+    let temp = tempfile::tempdir()?;
+    let data_dir = temp.path().join("data");
+    let port = crate::free_port();
+    let mut server = tokio::process::Command::new(&options.server_bin)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--heartbeat-interval",
+            "60s",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let server_pid = server.id().unwrap_or(0);
+    let handle = crate::TestServer::attach(port, &data_dir);
+    let owner_key = data_dir.join("credentials/owner/admin.key");
+    crate::eventually("the server starts", || {
+        let ready = owner_key.exists();
+        async move {
+            (ready
+                && tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok())
+            .then_some(())
+        }
+    })
+    .await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ca = std::fs::read_to_string(data_dir.join("pki/ca.crt"))?;
+    let (site_id, passcode) = crate::site_with_passcode(&handle, "bench@example.com", 100).await;
+    let mut report = Report {
+        agents: n,
+        ..Default::default()
+    };
+
+    // 1. Enrollment.
+    eprintln!("bench: enrolling {n} agents");
+    let limit = Arc::new(Semaphore::new(options.concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let limit = limit.clone();
+        let ca = ca.clone();
+        let passcode = passcode.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await.ok()?;
+            let (key, csr) = mdm_agent::enroll::key_and_csr("bench").ok()?;
+            let begun = Instant::now();
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca))
+                .domain_name("localhost");
+            let channel = channel_from(addr, source_ip(i), tls).await.ok()?;
+            let response = pb::enrollment_service_client::EnrollmentServiceClient::new(channel)
+                .enroll(pb::EnrollRequest {
+                    user_email: "bench@example.com".into(),
+                    company_passcode: passcode,
+                    csr_pem: csr,
+                    device: Some(pb::DeviceFacts {
+                        platform: pb::Platform::Linux.into(),
+                        serial_number: format!("BENCH-{i}"),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            Some((
+                response.device_id,
+                response.certificate_chain_pem,
+                key,
+                begun.elapsed(),
+            ))
+        }));
+    }
+    let mut identities = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    for task in tasks {
+        if let Some((device_id, cert, key, latency)) = task.await? {
+            identities.push((device_id, cert, key));
+            latencies.push(latency);
+        }
+    }
+    anyhow::ensure!(
+        identities.len() == n,
+        "only {} of {n} enrollments succeeded",
+        identities.len()
+    );
+    report.enroll_per_s = n as f64 / started.elapsed().as_secs_f64();
+    report.enroll = Latency::of(latencies);
+
+    // 2. Connect ramp and memory.
+    eprintln!("bench: connecting {n} agents");
+    report.server_rss_before_kb = rss_kb(server_pid);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut connects = Vec::with_capacity(n);
+    for (i, (_, cert, key)) in identities.iter().enumerate() {
+        let limit = limit.clone();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(cert, key.as_str()));
+        let done = done_tx.clone();
+        let connected = connected.clone();
+        connects.push(tokio::spawn(async move {
+            let channel = {
+                let _permit = limit.acquire().await.ok()?;
+                channel_from(addr, source_ip(i), tls).await.ok()?
+            };
+            tokio::spawn(agent_session(channel, done, connected));
+            Some(())
+        }));
+    }
+    for connect in connects {
+        connect.await?;
+    }
+    crate::eventually_within(
+        Duration::from_secs(300),
+        "every agent stream is live",
+        &mut || {
+            let count = connected.load(Ordering::Relaxed);
+            async move { (count >= n).then_some(()) }
+        },
+    )
+    .await;
+    report.connect_ramp_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report.server_rss_after_kb = rss_kb(server_pid);
+    report.kb_per_agent = report
+        .server_rss_after_kb
+        .saturating_sub(report.server_rss_before_kb) as f64
+        / n as f64;
+
+    // 3 and 4. Fan-outs.
+    let owner = handle.owner();
+    let mut admins = Vec::new();
+    for _ in 0..options.concurrency.clamp(1, 8) {
+        admins.push(pb::device_service_client::DeviceServiceClient::new(
+            handle.admin_channel(&owner).await,
+        ));
+    }
+    let device_ids: Vec<String> = identities.iter().map(|(id, _, _)| id.clone()).collect();
+    for kind in ["lock", "reset"] {
+        eprintln!("bench: {kind} fan-out to {n} devices");
+        let started = Instant::now();
+        let per_admin = device_ids.len().div_ceil(admins.len());
+        let mut calls = Vec::new();
+        for (admin, chunk) in admins.iter().zip(device_ids.chunks(per_admin)) {
+            let mut admin = admin.clone();
+            let chunk = chunk.to_vec();
+            calls.push(tokio::spawn(async move {
+                let mut issued = Vec::with_capacity(chunk.len());
+                for device_id in chunk {
+                    let begun = Instant::now();
+                    let action = if kind == "lock" {
+                        admin
+                            .lock_device(pb::LockDeviceRequest {
+                                device_id,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|r| r.into_inner().action)
+                    } else {
+                        admin
+                            .reset_passcode(pb::ResetPasscodeRequest {
+                                device_id,
+                                confirm_user_email: "bench@example.com".into(),
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|r| r.into_inner().action)
+                    };
+                    if let Ok(Some(action)) = action {
+                        issued.push((action.action_id, begun, begun.elapsed()));
+                    }
+                }
+                issued
+            }));
+        }
+        let mut issued = std::collections::HashMap::new();
+        let mut admin_latencies = Vec::new();
+        for call in calls {
+            for (id, begun, latency) in call.await? {
+                issued.insert(id, begun);
+                admin_latencies.push(latency);
+            }
+        }
+        anyhow::ensure!(
+            issued.len() == n,
+            "{kind}: only {} of {n} calls succeeded",
+            issued.len()
+        );
+        // The agents report the result right after they saw the command; the
+        // action log is then checked to hold every action SUCCEEDED.
+        let mut per_action = Vec::with_capacity(n);
+        let mut finished = 0;
+        while finished < n {
+            let (id, at) = tokio::time::timeout(Duration::from_secs(120), done_rx.recv())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("agents stopped"))?;
+            if let Some(begun) = issued.get(&id) {
+                per_action.push(at - *begun);
+                finished += 1;
+            }
+        }
+        let log = pb::action_log_service_client::ActionLogServiceClient::new(
+            handle.admin_channel(&owner).await,
+        );
+        let wanted = if kind == "lock" {
+            pb::ActionType::Lock
+        } else {
+            pb::ActionType::ResetPasscode
+        };
+        crate::eventually_within(
+            Duration::from_secs(120),
+            "every action is SUCCEEDED in the log",
+            &mut || {
+                let mut log = log.clone();
+                let site_id = site_id.clone();
+                async move {
+                    let mut count = 0;
+                    let mut token = String::new();
+                    loop {
+                        let page = log
+                            .list_actions(pb::ListActionsRequest {
+                                site_id: site_id.clone(),
+                                r#type: wanted.into(),
+                                status: pb::ActionStatus::Succeeded.into(),
+                                page_size: 1000,
+                                page_token: token,
+                                ..Default::default()
+                            })
+                            .await
+                            .ok()?
+                            .into_inner();
+                        count += page.actions.len();
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    (count >= n).then_some(())
+                }
+            },
+        )
+        .await;
+        let fan = FanOut {
+            total_s: started.elapsed().as_secs_f64(),
+            per_action: Latency::of(per_action),
+            admin_call: Latency::of(admin_latencies),
+        };
+        if kind == "lock" {
+            report.lock = fan;
+        } else {
+            report.reset = fan;
+        }
+    }
+
+    // 5. ListActions pages with 2N actions stored.
+    report.actions_stored = 2 * n;
+    let mut log = pb::action_log_service_client::ActionLogServiceClient::new(
+        handle.admin_channel(&owner).await,
+    );
+    let mut samples = Vec::new();
+    let mut token = String::new();
+    for _ in 0..200 {
+        let begun = Instant::now();
+        let page = log
+            .list_actions(pb::ListActionsRequest {
+                site_id: site_id.clone(),
+                page_size: 100,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        samples.push(begun.elapsed());
+        token = page.next_page_token;
+    }
+    report.list_actions_page_100 = Latency::of(samples);
+
+    // 6. Baseline.
+    eprintln!("bench: baseline echo fan-out to {n} streams");
+    report.baseline_fanout_s = crate::baseline::fan_out(n, options.concurrency).await?;
+    report.lock_vs_baseline = report.lock.total_s / report.baseline_fanout_s.max(1e-9);
+    let _ = server.kill().await;
+    Ok(report)
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let l = |x: &Latency| format!("p50 {:.1} ms, p99 {:.1} ms", x.p50_ms, x.p99_ms);
+        format!(
+            "agents                      {}\n\
+             enrollment                  {:.0}/s  ({})\n\
+             connect ramp                {:.1} s to {} live streams\n\
+             server RSS                  {} KB -> {} KB = {:.1} KB per connected agent\n\
+             lock fan-out                {:.2} s to SUCCEEDED; per action {}; admin call {}\n\
+             reset fan-out               {:.2} s to SUCCEEDED; per action {}; admin call {}\n\
+             ListActions page of 100     {} ({} actions stored)\n\
+             baseline echo fan-out       {:.2} s\n\
+             lock fan-out / baseline     {:.1}x\n",
+            self.agents,
+            self.enroll_per_s,
+            l(&self.enroll),
+            self.connect_ramp_s,
+            self.agents,
+            self.server_rss_before_kb,
+            self.server_rss_after_kb,
+            self.kb_per_agent,
+            self.lock.total_s,
+            l(&self.lock.per_action),
+            l(&self.lock.admin_call),
+            self.reset.total_s,
+            l(&self.reset.per_action),
+            l(&self.reset.admin_call),
+            l(&self.list_actions_page_100),
+            self.actions_stored,
+            self.baseline_fanout_s,
+            self.lock_vs_baseline,
+        )
+    }
+}
