@@ -72,7 +72,7 @@ pub struct Report {
     pub lock_vs_baseline: f64,
 }
 
-pub(crate) fn source_ip(i: usize) -> IpAddr {
+pub fn source_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
         127,
         0,
@@ -82,7 +82,7 @@ pub(crate) fn source_ip(i: usize) -> IpAddr {
 }
 
 /// A channel from loopback address `source` to `server`.
-pub(crate) async fn channel_from(
+pub async fn channel_from(
     server: SocketAddr,
     source: IpAddr,
     tls: ClientTlsConfig,
