@@ -9,6 +9,7 @@ async fn the_benchmark_runs_with_200_agents() {
         agents: 200,
         server_bin: mdm_tests::server_bin(),
         concurrency: 32,
+        bench_exe: env!("CARGO_BIN_EXE_mdm-bench").into(),
     })
     .await
     .unwrap();
