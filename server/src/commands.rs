@@ -102,49 +102,13 @@ impl App {
             )));
         }
         let device = self.get_device(device_id)?;
-        if device.status != DeviceStatus::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "device {device_id} is not enrolled (status {:?})",
-                device.status
-            )));
-        }
-        if let Some(capability) = device
-            .facts
-            .capabilities
-            .iter()
-            .find(|c| c.action == action_type)
-            && !capability.supported
-        {
-            return Err(Error::FailedPrecondition(format!(
-                "device {device_id} cannot perform {action_type:?}: {}",
-                if capability.reason.is_empty() {
-                    "its agent says it is not supported"
-                } else {
-                    &capability.reason
-                }
-            )));
-        }
+        self.check_command(&device, action_type)?;
         let now = now_millis();
-        let action = Action {
-            action_id,
-            site_id: device.site_id.clone(),
-            device_id: device.device_id.clone(),
-            action_type,
-            status: ActionStatus::Pending,
-            created_by: admin_email.to_owned(),
-            created_at: now,
-            updated_at: now,
-            timeline: vec![ActionEvent {
-                status: ActionStatus::Pending,
-                at: now,
-                detail: "queued".into(),
-            }],
-            failure_reason: String::new(),
-            failure_code: None,
-            expires_at: now
-                .saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX)),
-            payload: Some(payload),
-        };
+        let mut action =
+            Action::pending(action_id, &device, action_type, admin_email, "queued", now);
+        action.expires_at =
+            now.saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX));
+        action.payload = Some(payload);
         let superseded = self.storage.with_actions_locked(|storage| {
             let mut superseded = Vec::new();
             if supersedes(action_type) {

@@ -266,25 +266,14 @@ impl App {
             })?
             .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))?;
         let now = now_millis();
-        let mut action = Action {
-            action_id: time_ordered_id(),
-            site_id: device.site_id.clone(),
-            device_id: device.device_id.clone(),
-            action_type: ActionType::Unenroll,
-            status: ActionStatus::Pending,
-            created_by: admin_email.to_owned(),
-            created_at: now,
-            updated_at: now,
-            timeline: vec![ActionEvent {
-                status: ActionStatus::Pending,
-                at: now,
-                detail: "certificate revoked".into(),
-            }],
-            failure_reason: String::new(),
-            failure_code: None,
-            expires_at: 0,
-            payload: None,
-        };
+        let mut action = Action::pending(
+            time_ordered_id(),
+            &device,
+            ActionType::Unenroll,
+            admin_email,
+            "certificate revoked",
+            now,
+        );
         let told = self.live.signal(
             device_id,
             StreamSignal::Unenrolled {

@@ -430,6 +430,36 @@ pub struct Action {
 }
 
 impl Action {
+    /// A new action on `device`, `PENDING` since `now`.
+    pub fn pending(
+        action_id: String,
+        device: &Device,
+        action_type: ActionType,
+        created_by: &str,
+        detail: &str,
+        now: Millis,
+    ) -> Self {
+        Self {
+            action_id,
+            site_id: device.site_id.clone(),
+            device_id: device.device_id.clone(),
+            action_type,
+            status: ActionStatus::Pending,
+            created_by: created_by.to_owned(),
+            created_at: now,
+            updated_at: now,
+            timeline: vec![ActionEvent {
+                status: ActionStatus::Pending,
+                at: now,
+                detail: detail.to_owned(),
+            }],
+            failure_reason: String::new(),
+            failure_code: None,
+            expires_at: 0,
+            payload: None,
+        }
+    }
+
     /// Moves to `status` with a timeline entry; refuses to go backwards or
     /// to leave a final status. Returns whether anything changed.
     pub fn advance(&mut self, status: ActionStatus, detail: impl Into<String>, at: Millis) -> bool {

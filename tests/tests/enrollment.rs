@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use mdm_tests::{TestAgent, TestServer, eventually, eventually_within, pb, site_with_passcode};
+use mdm_tests::{
+    TestAgent, TestServer, eventually, eventually_within, files_under, pb, site_with_passcode,
+};
 use pb::action_log_service_client::ActionLogServiceClient;
 use pb::agent_service_client::AgentServiceClient;
 use pb::device_service_client::DeviceServiceClient;
@@ -44,19 +46,6 @@ async fn passcode_info(server: &TestServer, site_id: &str) -> pb::CompanyPasscod
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 /// A channel that presents the agent's own device certificate.

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use mdm_tests::{
-    TestAgent, TestServer, code, eventually, eventually_within, pb, site_with_passcode,
+    TestAgent, TestServer, code, eventually, eventually_within, files_under, pb, site_with_passcode,
 };
 use pb::action_log_service_client::ActionLogServiceClient;
 use pb::device_service_client::DeviceServiceClient;
@@ -114,19 +114,6 @@ fn reset(device_id: &str, confirm: &str, notify_user: bool) -> pb::ResetPasscode
         message: "Lost? Call 555-0100".into(),
         ttl: None,
     }
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use mdm_tests::{TestServer, pb};
+use mdm_tests::{TestServer, files_under, pb};
 use pb::site_service_client::SiteServiceClient;
 
 #[derive(Clone, Default)]
@@ -22,19 +22,6 @@ impl Write for Capture {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
