@@ -165,8 +165,9 @@ impl App {
             action.status == ActionStatus::Pending
                 && action.advance(ActionStatus::Sent, "sent to the device", now)
         })?;
+        // Not flushed here: losing SENT in a crash only means the command is
+        // sent again, which the agent's journal makes harmless.
         if let Some((action, true)) = updated {
-            self.commit().await?;
             self.publish(action);
         }
         Ok(())
@@ -252,7 +253,10 @@ impl App {
                         true
                     })?;
                 }
-                self.commit().await?;
+                // Not flushed per report (sled flushes within 500 ms): if a
+                // crash loses a report, the command is still queued, is sent
+                // again on reconnect, and the agent's journal replays the
+                // same outcome without applying it twice.
                 self.publish(action);
             }
             Some((_, false)) => {}
