@@ -9,8 +9,8 @@ use std::time::Duration;
 use mdm_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-/// A command as a backend sees it.
-#[derive(Debug, Clone)]
+/// A command as a backend sees it. `Debug` never shows the passcode.
+#[derive(Clone)]
 pub enum Task {
     Lock {
         message: String,
@@ -19,6 +19,19 @@ pub enum Task {
         passcode: zeroize::Zeroizing<String>,
         message: String,
     },
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Task::Lock { message } => f.debug_struct("Lock").field("message", message).finish(),
+            Task::ResetPasscode { message, .. } => f
+                .debug_struct("ResetPasscode")
+                .field("passcode", &"<redacted>")
+                .field("message", message)
+                .finish(),
+        }
+    }
 }
 
 /// Why a backend could not do it.

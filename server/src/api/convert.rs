@@ -393,7 +393,12 @@ pub fn duration(
 }
 
 pub fn millis_of(timestamp: &Timestamp) -> Millis {
-    timestamp.seconds.saturating_mul(1000) + Millis::from(timestamp.nanos / 1_000_000)
+    timestamp
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(Millis::from(
+            timestamp.nanos.clamp(0, 999_999_999) / 1_000_000,
+        ))
 }
 
 /// A lock-screen message: short, printable.
