@@ -364,3 +364,32 @@ async fn grpcurl_lists_and_describes_every_service_through_reflection() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
 }
+
+#[tokio::test]
+async fn clients_that_never_finish_a_handshake_do_not_block_others() {
+    let server = TestServer::start().await;
+    // 200 connections that send nothing (slow loris), and 5 that send garbage.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    for _ in 0..5 {
+        let mut junk = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        junk.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0])
+            .await
+            .unwrap();
+        idle.push(junk);
+    }
+    // Everyone else is served at once.
+    let started = std::time::Instant::now();
+    let mut client = SiteServiceClient::new(server.admin_channel(&server.owner()).await);
+    client
+        .list_sites(pb::ListSitesRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "served while 205 bad clients hang"
+    );
+    drop(idle);
+}
