@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::model::{
     Alert, AlertKind, CompanyPasscodeInfo, CompanyPasscodeRecord, Millis, Notification,
-    NotificationState, PasscodeState, Site, User, now_millis, time_ordered_id,
+    PasscodeState, Site, User, now_millis, time_ordered_id,
 };
 use crate::storage::FailedAttempt;
 
@@ -312,23 +312,18 @@ impl App {
         });
         let notifications = recipients
             .into_iter()
-            .map(|recipient| Notification {
-                notification_id: time_ordered_id(),
-                site_id: site.site_id.clone(),
-                channel: "email".into(),
-                recipient,
-                subject: format!(
-                    "Security alert: company passcode failed-attempt limit exceeded ({})",
-                    site.display_name
-                ),
-                body_text: details.clone(),
-                passcode_of_action: None,
-                state: NotificationState::Pending,
-                attempts: 0,
-                last_error: String::new(),
-                created_at: now,
-                next_attempt_at: now,
-                delivered_at: None,
+            .map(|recipient| {
+                Notification::pending(
+                    &site.site_id,
+                    "email",
+                    recipient,
+                    format!(
+                        "Security alert: company passcode failed-attempt limit exceeded ({})",
+                        site.display_name
+                    ),
+                    details.clone(),
+                    now,
+                )
             })
             .chain(webhook)
             .collect();

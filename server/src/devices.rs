@@ -14,7 +14,7 @@ use crate::model::{
     Action, ActionEvent, ActionStatus, ActionType, Device, DeviceFacts, DeviceStatus,
     IssuedDeviceCert, Millis, now_millis, short_id, time_ordered_id,
 };
-use crate::pki::{CsrError, parse_device_csr};
+use crate::pki::{CsrError, DeviceCsr, parse_device_csr};
 use crate::storage::Page;
 
 /// An enrollment as the edge hands it to the domain.
@@ -77,15 +77,13 @@ fn millis(duration: Duration) -> Millis {
 impl App {
     fn issue_device_certificate(
         &self,
-        csr_pem: &str,
+        csr: &DeviceCsr,
         device_id: &str,
-        check_subject: bool,
     ) -> std::result::Result<(DeviceCertificate, IssuedDeviceCert), CsrError> {
-        let csr = parse_device_csr(csr_pem, check_subject.then_some(device_id))?;
         let lifetime = time::Duration::milliseconds(millis(self.device_cert_lifetime));
         let (cert_pem, serial, not_after) = self
             .ca
-            .issue_device_cert(&csr, device_id, lifetime)
+            .issue_device_cert(csr, device_id, lifetime)
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot sign a device certificate");
                 CsrError::Invalid
@@ -113,7 +111,7 @@ impl App {
     ) -> std::result::Result<Enrollment, EnrollError> {
         // Check the CSR before the passcode: a broken agent must not burn
         // the site's failed-attempt budget.
-        parse_device_csr(&request.csr_pem, None)
+        let csr = parse_device_csr(&request.csr_pem, None)
             .map_err(|e| EnrollError::Refused(e.to_string()))?;
         let verified = match self
             .verify_company_passcode(
@@ -129,7 +127,7 @@ impl App {
         };
         let device_id = short_id("dv");
         let (certificate, issued) = self
-            .issue_device_certificate(&request.csr_pem, &device_id, false)
+            .issue_device_certificate(&csr, &device_id)
             .map_err(|e| EnrollError::Refused(e.to_string()))?;
         let mut device = Device {
             device_id: device_id.clone(),
@@ -176,8 +174,8 @@ impl App {
         device_id: &str,
         csr_pem: &str,
     ) -> Result<DeviceCertificate> {
-        let (certificate, issued) = self
-            .issue_device_certificate(csr_pem, device_id, true)
+        let (certificate, issued) = parse_device_csr(csr_pem, Some(device_id))
+            .and_then(|csr| self.issue_device_certificate(&csr, device_id))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let now = now_millis();
         let device = self

@@ -236,6 +236,34 @@ pub struct Notification {
     pub delivered_at: Option<Millis>,
 }
 
+impl Notification {
+    /// A notification waiting for its first delivery attempt, due now.
+    pub fn pending(
+        site_id: &str,
+        channel: &str,
+        recipient: String,
+        subject: String,
+        body_text: String,
+        now: Millis,
+    ) -> Self {
+        Self {
+            notification_id: time_ordered_id(),
+            site_id: site_id.to_owned(),
+            channel: channel.to_owned(),
+            recipient,
+            subject,
+            body_text,
+            passcode_of_action: None,
+            state: NotificationState::Pending,
+            attempts: 0,
+            last_error: String::new(),
+            created_at: now,
+            next_attempt_at: now,
+            delivered_at: None,
+        }
+    }
+}
+
 /// Time-ordered unique id (UUID v7) for records listed by time.
 pub fn time_ordered_id() -> String {
     uuid::Uuid::now_v7().to_string()

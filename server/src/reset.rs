@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus, LatestReset,
-    Millis, Notification, NotificationState, PASSCODE_LENGTH_RANGE, PasscodeComplexity,
-    PasscodePolicy, now_millis, time_ordered_id,
+    Millis, Notification, PASSCODE_LENGTH_RANGE, PasscodeComplexity, PasscodePolicy, now_millis,
+    time_ordered_id,
 };
 
 const DIGITS: &[u8] = b"0123456789";
@@ -281,22 +281,18 @@ fn reset_email(
         device.facts.hostname.clone()
     };
     Notification {
-        notification_id: time_ordered_id(),
-        site_id: device.site_id.clone(),
-        channel: "email".into(),
-        subject: format!("Device passcode reset: {name}"),
-        body_text: format!(
-            "{admin} reset the passcode of device {name} ({}), used by {}.\n\nThe new passcode is: {{passcode}}\n\nThe device sets it and locks as soon as it is online. Follow the action {action_id} in the action log.\n",
-            device.device_id, device.user_email
-        ),
         passcode_of_action: Some(action_id.to_owned()),
-        recipient,
-        state: NotificationState::Pending,
-        attempts: 0,
-        last_error: String::new(),
-        created_at: now,
-        next_attempt_at: now,
-        delivered_at: None,
+        ..Notification::pending(
+            &device.site_id,
+            "email",
+            recipient,
+            format!("Device passcode reset: {name}"),
+            format!(
+                "{admin} reset the passcode of device {name} ({}), used by {}.\n\nThe new passcode is: {{passcode}}\n\nThe device sets it and locks as soon as it is online. Follow the action {action_id} in the action log.\n",
+                device.device_id, device.user_email
+            ),
+            now,
+        )
     }
 }
 

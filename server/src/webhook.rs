@@ -14,9 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::model::{
-    Action, Alert, Notification, NotificationState, Webhook, now_millis, time_ordered_id,
-};
+use crate::model::{Action, Alert, Notification, Webhook, now_millis, time_ordered_id};
 
 /// Checks a webhook URL: https, or http to a receiver on this machine.
 pub fn validate_url(url: &str) -> Result<http::Uri> {
@@ -99,22 +97,14 @@ pub(crate) fn notification(
     body: String,
     subject: &str,
 ) -> Notification {
-    let now = now_millis();
-    Notification {
-        notification_id: time_ordered_id(),
-        site_id: site_id.to_owned(),
-        channel: "webhook".into(),
-        recipient: webhook.url.clone(),
-        subject: subject.to_owned(),
-        body_text: body,
-        passcode_of_action: None,
-        state: NotificationState::Pending,
-        attempts: 0,
-        last_error: String::new(),
-        created_at: now,
-        next_attempt_at: now,
-        delivered_at: None,
-    }
+    Notification::pending(
+        site_id,
+        "webhook",
+        webhook.url.clone(),
+        subject.to_owned(),
+        body,
+        now_millis(),
+    )
 }
 
 impl App {
