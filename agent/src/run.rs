@@ -97,6 +97,21 @@ pub async fn run(
 ) -> Result<RunOutcome, RunError> {
     let mut backoff = Backoff::new();
     let journal = Arc::new(Mutex::new(Journal::open(options.state.root())?));
+    // One worker for the whole run, not one per stream: a command still being
+    // applied when the stream drops must not be picked up again by the next
+    // stream's worker (it would be applied twice).
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let policy: Arc<Mutex<Option<pb::PasscodePolicy>>> = Arc::default();
+    tokio::spawn(worker(
+        work_rx,
+        options.backend.clone(),
+        journal.clone(),
+        policy.clone(),
+    ));
+    let work = Work {
+        queue: work_tx,
+        policy,
+    };
     loop {
         let identity = options.state.load()?.ok_or(RunError::NotEnrolled)?;
         if now_millis() >= identity.expires_at {
@@ -114,15 +129,7 @@ pub async fn run(
                 }
             }
             Ok(channel) => {
-                session(
-                    channel,
-                    &identity,
-                    &options,
-                    &journal,
-                    &mut backoff,
-                    &mut stop,
-                )
-                .await
+                session(channel, &identity, &options, &work, &mut backoff, &mut stop).await
             }
         };
         match end {
@@ -186,25 +193,23 @@ fn message(message: Outbound) -> pb::ConnectRequest {
     }
 }
 
+/// Commands are applied one at a time, in order, off the stream loop; each
+/// comes with the stream it arrived on, where its reports go.
+struct Work {
+    queue: mpsc::UnboundedSender<(pb::Command, mpsc::Sender<pb::ConnectRequest>)>,
+    policy: Arc<Mutex<Option<pb::PasscodePolicy>>>,
+}
+
 async fn session(
     channel: Channel,
     identity: &Identity,
     options: &RunOptions,
-    journal: &Arc<Mutex<Journal>>,
+    work: &Work,
     backoff: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
     let (tx, rx) = mpsc::channel(64);
-    // Commands are applied one at a time, in order, off the stream loop.
-    let (work_tx, work_rx) = mpsc::unbounded_channel();
-    let policy: Arc<Mutex<Option<pb::PasscodePolicy>>> = Arc::default();
-    tokio::spawn(worker(
-        work_rx,
-        tx.clone(),
-        options.backend.clone(),
-        journal.clone(),
-        policy.clone(),
-    ));
+    let policy = &work.policy;
     let hello = pb::AgentHello {
         facts: Some(crate::facts::collect(
             options.serial_override.as_deref(),
@@ -234,7 +239,7 @@ async fn session(
                 Ok(Some(pb::ConnectResponse { message: Some(message) })) => { last_heard = tokio::time::Instant::now(); match message {
                     Inbound::Hello(hello) => {
                         if let Some(announced) = hello.policy {
-                            report_compliance(&tx, options.backend.as_ref(), &policy, announced).await;
+                            report_compliance(&tx, options.backend.as_ref(), policy, announced).await;
                         }
                         if let Some(announced) = hello.heartbeat_interval {
                             let announced = Duration::new(
@@ -252,10 +257,10 @@ async fn session(
                         return SessionEnd::Unenrolled;
                     }
                     Inbound::Command(command) => {
-                        let _ = work_tx.send(command);
+                        let _ = work.queue.send((command, tx.clone()));
                     }
                     Inbound::Policy(announced) => {
-                        report_compliance(&tx, options.backend.as_ref(), &policy, announced).await;
+                        report_compliance(&tx, options.backend.as_ref(), policy, announced).await;
                     }
                 }},
                 Ok(Some(_)) => {}
@@ -298,13 +303,12 @@ fn failed(code: pb::FailureCode, message: impl Into<String>) -> Outcome {
 /// backend, store the outcome, report it. A command seen before is never
 /// applied again; its stored outcome is reported again instead.
 async fn worker(
-    mut commands: mpsc::UnboundedReceiver<pb::Command>,
-    tx: mpsc::Sender<pb::ConnectRequest>,
+    mut commands: mpsc::UnboundedReceiver<(pb::Command, mpsc::Sender<pb::ConnectRequest>)>,
     backend: Arc<dyn Backend>,
     journal: Arc<Mutex<Journal>>,
     policy: Arc<Mutex<Option<pb::PasscodePolicy>>>,
 ) {
-    while let Some(command) = commands.recv().await {
+    while let Some((command, tx)) = commands.recv().await {
         let id = command.command_id.clone();
         let stage = journal.lock().unwrap_or_else(|p| p.into_inner()).stage(&id);
         let outcome = match stage {

@@ -26,6 +26,17 @@ pub enum AgentReport {
     Failed { code: FailureCode, message: String },
 }
 
+/// Whether a queued command goes out on a stream, decided under the actions lock.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Sent for the first time: now SENT (publish it once committed).
+    First(Box<Action>),
+    /// Sent before, on an earlier stream, and not finished: send it again.
+    Again,
+    /// No longer to be delivered: canceled or superseded meanwhile.
+    Withdrawn,
+}
+
 fn supersedes(kind: ActionType) -> bool {
     matches!(kind, ActionType::Lock | ActionType::ResetPasscode)
 }
@@ -158,19 +169,21 @@ impl App {
             .ok_or_else(|| Error::NotFound(format!("action {action_id:?} does not exist")))
     }
 
-    /// Records that the command went out on the device's stream.
-    pub async fn mark_sent(&self, action_id: &str) -> Result<()> {
+    /// Records that the command is about to go out on the device's stream.
+    /// The caller commits before sending, so that a command still PENDING
+    /// after a crash was never delivered (and may be superseded safely).
+    pub fn mark_sent(&self, action_id: &str) -> Result<Delivery> {
         let now = now_millis();
         let updated = self.storage.update_action(action_id, |action| {
             action.status == ActionStatus::Pending
                 && action.advance(ActionStatus::Sent, "sent to the device", now)
         })?;
-        // Not flushed here: losing SENT in a crash only means the command is
-        // sent again, which the agent's journal makes harmless.
-        if let Some((action, true)) = updated {
-            self.publish(action);
-        }
-        Ok(())
+        Ok(match updated {
+            Some((action, true)) => Delivery::First(Box::new(action)),
+            Some((action, false)) if action.is_queued() => Delivery::Again,
+            // Canceled or superseded since the queue was read.
+            _ => Delivery::Withdrawn,
+        })
     }
 
     /// Applies what the agent of `device_id` reported about `action_id`.

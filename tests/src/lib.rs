@@ -19,6 +19,7 @@ pub use mdm_proto::v1 as pb;
 
 pub mod baseline;
 pub mod bench;
+pub mod chaos;
 
 /// A channel to `server` from the `i`-th loopback source address.
 pub(crate) async fn bench_channel_from(

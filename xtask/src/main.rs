@@ -26,9 +26,10 @@ fn main() -> std::process::ExitCode {
         Some("tools") => install_tools().map(|_| ()),
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
+        Some("chaos") => chaos(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|tools>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools"
+                "usage: cargo xtask <test|tools|demo|bench|chaos>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools\n  demo   run the README walkthrough against a fresh server\n  bench  [--agents N] [--json FILE]: the scale benchmark (release)\n  chaos  [--agents N] [--server-kills N] [--agent-kills N] [--json FILE]: SIGKILL server and agents under load (release)"
             );
             return std::process::ExitCode::from(64);
         }
@@ -93,9 +94,7 @@ fn test(extra: &[String]) -> Result<()> {
     )?;
     // The end-to-end tests drive the real agent binary, which `cargo test
     // --workspace` builds (for the agent's own CLI tests) before any test runs.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     run(
         "cargo test --workspace",
         cargo()
@@ -116,9 +115,7 @@ fn demo() -> Result<()> {
         "cargo build -p mdm-server -p mdm-agent",
         cargo().args(["build", "-p", "mdm-server", "-p", "mdm-agent"]),
     )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     let work = target.join(format!("demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let started = std::time::Instant::now();
@@ -157,9 +154,7 @@ fn bench(extra: &[String]) -> Result<()> {
             "mdm-bench",
         ]),
     )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let target = target_dir();
     run(
         "mdm-bench",
         Command::new(target.join("release/mdm-bench"))
@@ -167,6 +162,43 @@ fn bench(extra: &[String]) -> Result<()> {
             .arg(target.join("release/mdm-server"))
             .args(extra),
     )
+}
+
+/// Release build, then the crash-restart run with the real binaries.
+fn chaos(extra: &[String]) -> Result<()> {
+    run(
+        "cargo build --release (server, agent, chaos)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "mdm-server",
+            "-p",
+            "mdm-agent",
+            "-p",
+            "mdm-tests",
+            "--bin",
+            "mdm-server",
+            "--bin",
+            "mdm-agent",
+            "--bin",
+            "mdm-chaos",
+        ]),
+    )?;
+    let release = target_dir().join("release");
+    run(
+        "mdm-chaos",
+        Command::new(release.join("mdm-chaos"))
+            .env("MDM_SERVER_BIN", release.join("mdm-server"))
+            .env("MDM_AGENT_BIN", release.join("mdm-agent"))
+            .args(extra),
+    )
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn install_tools() -> Result<Tools> {

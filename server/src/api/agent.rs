@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, timestamp};
 use crate::app::App;
-use crate::commands::AgentReport;
+use crate::commands::{AgentReport, Delivery};
 use crate::identity;
 use crate::live::StreamSignal;
 use crate::model::now_millis;
@@ -206,7 +206,9 @@ impl Session {
         tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
     }
 
-    /// Sends every queued command this stream has not carried yet.
+    /// Sends every queued command this stream has not carried yet. Each is
+    /// recorded as SENT durably before it goes out: a command still PENDING
+    /// after a crash was never delivered, so superseding it is safe.
     async fn push_queued(&mut self) -> Result<(), &'static str> {
         let queued = self
             .app
@@ -215,6 +217,7 @@ impl Session {
                 tracing::error!(%error, "cannot read the command queue");
                 "the command queue cannot be read"
             })?;
+        let mut commands = Vec::new();
         for action in queued {
             if self.sent.contains(&action.action_id) {
                 continue;
@@ -225,6 +228,29 @@ impl Session {
                 tracing::error!(action_id = %action.action_id, "a queued command cannot be unsealed; skipped");
                 continue;
             };
+            let sent = match self.app.mark_sent(&action.action_id) {
+                Ok(Delivery::First(action)) => Some(*action),
+                Ok(Delivery::Again) => None,
+                Ok(Delivery::Withdrawn) => continue,
+                Err(error) => {
+                    tracing::error!(%error, "cannot record a sent command");
+                    return Err("the command queue cannot be written");
+                }
+            };
+            commands.push((command, sent));
+        }
+        if commands.is_empty() {
+            return Ok(());
+        }
+        self.app.commit().await.map_err(|error| {
+            tracing::error!(%error, "cannot record sent commands");
+            "the command queue cannot be written"
+        })?;
+        for (command, sent) in commands {
+            if let Some(action) = sent {
+                self.app.publish(action);
+            }
+            let action_id = command.command_id.clone();
             if self
                 .tx
                 .send(outbound(Outbound::Command(command)))
@@ -233,10 +259,7 @@ impl Session {
             {
                 return Err("the agent stopped reading");
             }
-            self.sent.insert(action.action_id.clone());
-            if let Err(error) = self.app.mark_sent(&action.action_id).await {
-                tracing::error!(%error, "cannot record a sent command");
-            }
+            self.sent.insert(action_id);
         }
         Ok(())
     }
