@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Heartbeat interval of agent streams, e.g. 30s [default: 30s].
     #[arg(long, env = "MDM_HEARTBEAT_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_interval: Option<Duration>,
+    /// Per source address: TLS handshakes in progress, and connections without
+    /// a client certificate (enrollment), each [default: 64].
+    #[arg(long, env = "MDM_CONNECTIONS_PER_SOURCE", value_parser = clap::value_parser!(u32).range(1..=100_000), value_name = "N")]
+    pub connections_per_source: Option<u32>,
     /// SMTP relay host; without one, emails are written as .eml files under the data dir.
     #[arg(long, env = "MDM_SMTP_HOST", value_name = "HOST")]
     pub smtp_host: Option<String>,
@@ -167,7 +171,12 @@ pub struct Config {
     /// The mail relay; None writes `.eml` files under the data dir.
     pub smtp: Option<crate::notify::SmtpConfig>,
     pub outbox_retry: crate::notify::RetryPolicy,
+    /// Per source address: TLS handshakes in progress, and open connections
+    /// without a client certificate (each counted separately).
+    pub connections_per_source: usize,
 }
+
+pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
 
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -216,6 +225,7 @@ impl Config {
             expiry_interval: Duration::from_secs(1),
             smtp: None,
             outbox_retry: Default::default(),
+            connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
         }
     }
 }
@@ -235,6 +245,7 @@ struct FileConfig {
     owner_email: Option<String>,
     device_cert_lifetime: Option<String>,
     heartbeat_interval: Option<String>,
+    connections_per_source: Option<u32>,
     smtp: Option<FileSmtp>,
 }
 
@@ -385,6 +396,15 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
         expiry_interval: Duration::from_secs(1),
         smtp: smtp_config(args, file.smtp)?,
         outbox_retry: Default::default(),
+        connections_per_source: match args.connections_per_source.or(file.connections_per_source) {
+            None => DEFAULT_CONNECTIONS_PER_SOURCE,
+            Some(0) => {
+                return Err(ConfigError(
+                    "connections_per_source must be at least 1".into(),
+                ));
+            }
+            Some(n) => n as usize,
+        },
     })
 }
 

@@ -29,6 +29,10 @@ use crate::tls;
 /// Largest request message the server decodes; bigger ones are refused
 /// before they are buffered whole.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The longest any call's handler may run (streams: until they are set up).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Calls in flight on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -175,6 +179,7 @@ pub async fn run(
     let accept = tokio::spawn(tls::accept_loop(
         listener,
         acceptor,
+        tls::SourceLimits::new(config.connections_per_source),
         ready_tx,
         stop_rx.clone(),
     ));
@@ -239,6 +244,10 @@ pub async fn run(
     let serve = Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        // Bounds every call's handler; a stream's handler returns as soon as
+        // the stream is set up, so long-lived streams are not cut.
+        .timeout(REQUEST_TIMEOUT)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -368,13 +368,14 @@ async fn grpcurl_lists_and_describes_every_service_through_reflection() {
 #[tokio::test]
 async fn clients_that_never_finish_a_handshake_do_not_block_others() {
     let server = TestServer::start().await;
-    // 200 connections that send nothing (slow loris), and 5 that send garbage.
+    // 200 connections that send nothing (slow loris), and 5 that send garbage,
+    // from four addresses; the admin comes from another.
     let mut idle = Vec::new();
-    for _ in 0..200 {
-        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    for i in 0..200 {
+        idle.push(connect_from(server.addr, [127, 0, 1, 1 + i % 4]).await);
     }
     for _ in 0..5 {
-        let mut junk = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut junk = connect_from(server.addr, [127, 0, 1, 1]).await;
         junk.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0])
             .await
             .unwrap();
@@ -392,4 +393,103 @@ async fn clients_that_never_finish_a_handshake_do_not_block_others() {
         "served while 205 bad clients hang"
     );
     drop(idle);
+}
+
+async fn connect_from(server: std::net::SocketAddr, source: [u8; 4]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+/// A channel from loopback address `source`, with `identity` (or none).
+async fn channel_from(
+    server: &TestServer,
+    source: [u8; 4],
+    identity: Option<&mdm_tests::Credential>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server.ca_pem()))
+        .domain_name("localhost");
+    if let Some(credential) = identity {
+        tls = tls.identity(Identity::from_pem(
+            &credential.cert_pem,
+            &credential.key_pem,
+        ));
+    }
+    mdm_tests::bench::channel_from(server.addr, source.into(), tls).await
+}
+
+async fn health(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn each_address_gets_a_bounded_number_of_handshakes_and_anonymous_connections() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut config = mdm_server::Config::for_data_dir(temp.path().join("data"));
+    config.connections_per_source = 4;
+    let server = TestServer::start_with(config).await.unwrap();
+    let owner = server.owner();
+
+    // Four handshakes that never finish fill 127.0.2.1's handshake places.
+    let mut loris = Vec::new();
+    for _ in 0..4 {
+        loris.push(connect_from(server.addr, [127, 0, 2, 1]).await);
+    }
+    let refused = match channel_from(&server, [127, 0, 2, 1], None).await {
+        Err(_) => true,
+        Ok(channel) => health(channel).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a fifth handshake from the same address is refused"
+    );
+    // Another address is served meanwhile.
+    health(channel_from(&server, [127, 0, 2, 2], None).await.unwrap())
+        .await
+        .unwrap();
+    // Once they go, the address is served again.
+    drop(loris);
+    mdm_tests::eventually("127.0.2.1 is served again", || async {
+        match channel_from(&server, [127, 0, 2, 1], None).await {
+            Ok(channel) => health(channel).await.ok(),
+            Err(_) => None,
+        }
+    })
+    .await;
+
+    // Four open connections without a client certificate (enrollment) from
+    // 127.0.2.3: a fifth is closed after its handshake...
+    let mut anonymous = Vec::new();
+    for _ in 0..4 {
+        let channel = channel_from(&server, [127, 0, 2, 3], None).await.unwrap();
+        health(channel.clone()).await.unwrap();
+        anonymous.push(channel);
+    }
+    let fifth = match channel_from(&server, [127, 0, 2, 3], None).await {
+        Err(_) => true,
+        Ok(channel) => health(channel).await.is_err(),
+    };
+    assert!(
+        fifth,
+        "a fifth anonymous connection from the same address is closed"
+    );
+    // ... but an admin from the same address is not crowded out.
+    let admin = channel_from(&server, [127, 0, 2, 3], Some(&owner))
+        .await
+        .unwrap();
+    SiteServiceClient::new(admin)
+        .list_sites(pb::ListSitesRequest::default())
+        .await
+        .unwrap();
+    // The anonymous ones that were let in still work.
+    for channel in anonymous {
+        health(channel).await.unwrap();
+    }
 }
