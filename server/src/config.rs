@@ -54,7 +54,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML config file; its keys are the long flag names with '_' for '-'.
     #[arg(long, env = "MDM_CONFIG", value_name = "FILE")]
@@ -181,7 +181,12 @@ pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Parses "90s", "15m", "12h", "7d" or plain seconds.
+/// Longest duration any setting takes: ten years. Certificate dates and
+/// the agent streams' timers are computed from these durations, and overflow
+/// (a panic) far beyond it.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Parses "90s", "15m", "12h", "7d" or plain seconds, at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -205,6 +210,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = Duration::from_secs(value.saturating_mul(seconds));
     if duration.is_zero() {
         return Err(format!("{text:?} must be longer than zero"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is longer than 3650d"));
     }
     Ok(duration)
 }
@@ -234,10 +242,10 @@ impl Config {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Keys of the TOML config file.
+/// Keys of the TOML config file, parsed but not yet merged or validated.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-struct FileConfig {
+pub struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<String>,
     san: Option<Vec<String>>,
@@ -322,9 +330,14 @@ fn smtp_config(
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+    parse_file_config(&text, &path.display().to_string())
+}
+
+/// Parses the text of a TOML config file; `origin` names the file in errors.
+pub fn parse_file_config(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let message = e.message().replace('\n', " ");
-        ConfigError(format!("config file {}: {message}", path.display()))
+        ConfigError(format!("config file {origin}: {message}"))
     })
 }
 
@@ -334,6 +347,16 @@ pub fn resolve(data_dir: Option<PathBuf>, args: &ServeArgs) -> Result<Config, Co
         Some(path) => read_file_config(path)?,
         None => FileConfig::default(),
     };
+    resolve_with_file(data_dir, args, file)
+}
+
+/// Merges flags/env (already in `args`), a parsed config file and defaults,
+/// and validates the result.
+pub fn resolve_with_file(
+    data_dir: Option<PathBuf>,
+    args: &ServeArgs,
+    file: FileConfig,
+) -> Result<Config, ConfigError> {
     let listen = match (args.listen, file.listen) {
         (Some(addr), _) => addr,
         (None, Some(text)) => text.parse().map_err(|_| {
@@ -452,4 +475,56 @@ pub fn validate_email(email: &str) -> Result<(), &'static str> {
         return Err("has an invalid domain");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn resolve_text(text: &str) -> Result<Config, ConfigError> {
+        resolve_with_file(
+            None,
+            &ServeArgs::default(),
+            parse_file_config(text, "test.toml")?,
+        )
+    }
+
+    #[test]
+    fn durations_take_a_unit_and_stay_within_ten_years() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
+        for refused in ["0s", "", "7w", "-1d", "d", "3651d", "18446744073709551615"] {
+            assert!(parse_duration(refused).is_err(), "{refused:?} accepted");
+        }
+    }
+
+    /// Inputs that break the `config` fuzz target's invariant (what is
+    /// accepted must be usable). Accepted before, they made every enrollment
+    /// panic on `now + lifetime` (a date past year 9999) and every agent
+    /// stream panic on `interval * 2`.
+    #[test]
+    fn absurd_durations_in_a_config_file_are_refused() {
+        let error = resolve_text("device_cert_lifetime = \"3000000d\"\n").unwrap_err();
+        assert!(error.0.contains("device_cert_lifetime"), "{error}");
+        let error = resolve_text("heartbeat_interval = \"999999999999999d\"\n").unwrap_err();
+        assert!(error.0.contains("heartbeat_interval"), "{error}");
+    }
+
+    #[test]
+    fn a_config_file_is_parsed_merged_and_validated() {
+        let config = resolve_text(
+            "listen = \"0.0.0.0:7443\"\nsan = [\"mdm.example.com\", \"10.0.0.5\"]\nowner_email = \"Owner@Example.com\"\ndevice_cert_lifetime = \"12h\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(config.sans, ["mdm.example.com", "10.0.0.5"]);
+        assert_eq!(config.owner_email, "owner@example.com");
+        assert_eq!(config.device_cert_lifetime, Duration::from_secs(12 * 3600));
+        assert_eq!(config.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        let error = resolve_text("colour = \"blue\"\n").unwrap_err();
+        assert!(error.0.starts_with("config file test.toml: "), "{error}");
+        assert!(resolve_text("san = [\"bad name\"]\n").is_err());
+    }
 }

@@ -3,6 +3,10 @@
 //! - `test`:  install the pinned test tools, then fmt check, clippy
 //!   `-D warnings` and the whole workspace test suite (what CI runs).
 //! - `tools`: only install the tools into `target/tools`.
+//! - `fuzz`:  build the libFuzzer targets in `fuzz/` (stable toolchain) and
+//!   run each for `--seconds S`; see `fuzz.rs`.
+
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,9 +31,10 @@ fn main() -> std::process::ExitCode {
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
         Some("chaos") => chaos(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|tools|demo|bench|chaos>\n  test   install test tools, fmt check, clippy, all tests\n  tools  install the pinned test tools into target/tools\n  demo   run the README walkthrough against a fresh server\n  bench  [--agents N] [--json FILE]: the scale benchmark (release)\n  chaos  [--agents N] [--server-kills N] [--agent-kills N] [--json FILE]: SIGKILL server and agents under load (release)"
+                "usage: cargo xtask <test|tools|demo|bench|chaos|fuzz>\n  test   install test tools, fmt check, clippy, cargo-deny, all tests\n  tools  install the pinned test tools into target/tools\n  demo   run the README walkthrough against a fresh server\n  bench  [--agents N] [--json FILE]: the scale benchmark (release)\n  chaos  [--agents N] [--server-kills N] [--agent-kills N] [--json FILE]: SIGKILL server and agents under load (release)\n  fuzz   [--seconds S] [--target NAME]... [--keep-corpus]: build and run the libFuzzer targets"
             );
             return std::process::ExitCode::from(64);
         }

@@ -8,16 +8,15 @@ use std::time::Duration;
 use futures::Stream;
 use mdm_proto::v1 as pb;
 use mdm_proto::v1::agent_service_server::AgentService;
-use mdm_proto::v1::connect_request::Message as Inbound;
 use mdm_proto::v1::connect_response::Message as Outbound;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{self, timestamp};
+use super::convert::{self, AgentMessage, timestamp};
 use crate::app::App;
-use crate::commands::{AgentReport, Delivery};
+use crate::commands::Delivery;
 use crate::identity;
 use crate::live::StreamSignal;
 use crate::model::now_millis;
@@ -69,32 +68,26 @@ impl AgentService for AgentApi {
     ) -> Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
         let device = identity::device(&request)?;
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("send a hello first")),
             Ok(Err(status)) => return Err(status),
             Ok(Ok(None)) => {
                 return Err(Status::invalid_argument("the stream ended before a hello"));
             }
-            Ok(Ok(Some(pb::ConnectRequest {
-                message: Some(Inbound::Hello(hello)),
-            }))) => hello,
-            Ok(Ok(Some(_))) => {
+            Ok(Ok(Some(message))) => message,
+        };
+        let (facts, compliance) = match convert::agent_message(first) {
+            Ok(AgentMessage::Hello { facts, compliance }) => (facts, compliance),
+            Ok(_) => {
                 return Err(Status::invalid_argument(
                     "the first message must be a hello",
                 ));
             }
-        };
-        let facts = match hello.facts.map(convert::device_facts) {
-            Some(Ok(facts)) => Some(facts),
-            Some(Err(reason)) => return Err(Status::invalid_argument(reason)),
-            None => None,
+            Err(reason) => return Err(Status::invalid_argument(reason)),
         };
         self.app.device_seen(&device.device_id, facts)?;
-        if let Some(compliance) = hello.compliance {
-            self.app.record_compliance(
-                &device.device_id,
-                convert::compliance_from_proto(compliance),
-            )?;
+        if let Some(compliance) = compliance {
+            self.app.record_compliance(&device.device_id, compliance)?;
         }
         let policy = self.app.device_policy(&device.device_id)?;
         let registration = self.app.live.register(&device.device_id);
@@ -265,55 +258,30 @@ impl Session {
     }
 
     async fn handle(&self, message: pb::ConnectRequest) -> Result<(), &'static str> {
-        let report = match message.message {
-            Some(Inbound::Heartbeat(_)) => {
+        let (command_id, report) = match convert::agent_message(message) {
+            Ok(AgentMessage::Heartbeat) => {
                 if let Err(error) = self.app.device_seen(&self.device_id, None) {
                     tracing::warn!(%error, "cannot record a heartbeat");
                 }
                 return Ok(());
             }
-            Some(Inbound::Hello(_)) => {
+            // A hello is only checked as the first message; a later one, valid or not, is ignored.
+            Ok(AgentMessage::Hello { .. }) | Err(_) => {
                 tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
                 return Ok(());
             }
-            Some(Inbound::Compliance(compliance)) => {
-                if let Err(error) = self
-                    .app
-                    .record_compliance(&self.device_id, convert::compliance_from_proto(compliance))
-                {
+            Ok(AgentMessage::Compliance(compliance)) => {
+                if let Err(error) = self.app.record_compliance(&self.device_id, compliance) {
                     tracing::warn!(%error, "cannot record compliance");
                 }
                 return Ok(());
             }
-            Some(Inbound::Ack(ack)) => (ack.command_id, AgentReport::Acknowledged),
-            Some(Inbound::Progress(progress)) => {
-                (progress.command_id, AgentReport::Progress(progress.step))
-            }
-            Some(Inbound::Result(result)) => {
-                let report = if result.succeeded {
-                    AgentReport::Succeeded(if result.message.is_empty() {
-                        "done".into()
-                    } else {
-                        result.message
-                    })
-                } else {
-                    AgentReport::Failed {
-                        code: convert::failure_code_from_proto(result.failure_code()),
-                        message: result.message,
-                    }
-                };
-                (result.command_id, report)
-            }
-            None => {
-                tracing::warn!(device_id = %self.device_id, "empty message ignored");
+            Ok(AgentMessage::Ignored(why)) => {
+                tracing::warn!(device_id = %self.device_id, "{why}");
                 return Ok(());
             }
+            Ok(AgentMessage::Report { command_id, report }) => (command_id, report),
         };
-        let (command_id, report) = report;
-        if command_id.len() > 64 {
-            tracing::warn!(device_id = %self.device_id, "report with an oversized command id ignored");
-            return Ok(());
-        }
         if let Err(error) = self
             .app
             .agent_report(&self.device_id, &command_id, report)

@@ -4,6 +4,7 @@ use mdm_proto::v1 as pb;
 use prost_types::Timestamp;
 use tonic::Status;
 
+use crate::commands::AgentReport;
 use crate::error::Error;
 use crate::identity::AdminIdentity;
 use crate::model::{
@@ -456,6 +457,73 @@ pub fn compliance_from_proto(compliance: pb::PasscodeCompliance) -> Compliance {
     }
 }
 
+/// Longest command id an agent's report may carry; ours are far shorter.
+pub const MAX_REPORT_COMMAND_ID_LEN: usize = 64;
+
+/// A message of an agent's stream, converted and checked at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMessage {
+    /// Facts and compliance: the first message of every stream.
+    Hello {
+        facts: Option<DeviceFacts>,
+        compliance: Option<Compliance>,
+    },
+    Heartbeat,
+    Compliance(Compliance),
+    /// A report about one of the device's commands.
+    Report {
+        command_id: String,
+        report: AgentReport,
+    },
+    /// Nothing to act on; the text says why, for the log.
+    Ignored(&'static str),
+}
+
+/// Converts and checks one message of an agent's stream. Only a hello can be
+/// refused (facts out of bounds); an empty message, or a report whose command
+/// id is oversized, is ignored.
+pub fn agent_message(message: pb::ConnectRequest) -> Result<AgentMessage, String> {
+    use pb::connect_request::Message as Inbound;
+    let (command_id, report) = match message.message {
+        None => return Ok(AgentMessage::Ignored("empty message ignored")),
+        Some(Inbound::Hello(hello)) => {
+            return Ok(AgentMessage::Hello {
+                facts: hello.facts.map(device_facts).transpose()?,
+                compliance: hello.compliance.map(compliance_from_proto),
+            });
+        }
+        Some(Inbound::Heartbeat(_)) => return Ok(AgentMessage::Heartbeat),
+        Some(Inbound::Compliance(compliance)) => {
+            return Ok(AgentMessage::Compliance(compliance_from_proto(compliance)));
+        }
+        Some(Inbound::Ack(ack)) => (ack.command_id, AgentReport::Acknowledged),
+        Some(Inbound::Progress(progress)) => {
+            (progress.command_id, AgentReport::Progress(progress.step))
+        }
+        Some(Inbound::Result(result)) => {
+            let report = if result.succeeded {
+                AgentReport::Succeeded(if result.message.is_empty() {
+                    "done".into()
+                } else {
+                    result.message
+                })
+            } else {
+                AgentReport::Failed {
+                    code: failure_code_from_proto(result.failure_code()),
+                    message: result.message,
+                }
+            };
+            (result.command_id, report)
+        }
+    };
+    if command_id.len() > MAX_REPORT_COMMAND_ID_LEN {
+        return Ok(AgentMessage::Ignored(
+            "report with an oversized command id ignored",
+        ));
+    }
+    Ok(AgentMessage::Report { command_id, report })
+}
+
 pub fn security(view: SecurityView) -> pb::DeviceSecurity {
     pb::DeviceSecurity {
         compliant: view.compliant,
@@ -479,5 +547,81 @@ pub fn audit_entry(entry: AuditEntry) -> pb::AuditEntry {
         at: Some(timestamp(entry.at)),
         who: entry.who,
         what: entry.what,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use pb::connect_request::Message as Inbound;
+
+    fn message(message: Inbound) -> Result<AgentMessage, String> {
+        agent_message(pb::ConnectRequest {
+            message: Some(message),
+        })
+    }
+
+    #[test]
+    fn agent_messages_are_converted_and_bounded_at_the_edge() {
+        assert_eq!(
+            agent_message(pb::ConnectRequest::default()).unwrap(),
+            AgentMessage::Ignored("empty message ignored")
+        );
+        assert_eq!(
+            message(Inbound::Result(pb::CommandResult {
+                command_id: "ac_1".into(),
+                succeeded: true,
+                ..Default::default()
+            }))
+            .unwrap(),
+            AgentMessage::Report {
+                command_id: "ac_1".into(),
+                report: AgentReport::Succeeded("done".into())
+            }
+        );
+        assert_eq!(
+            message(Inbound::Result(pb::CommandResult {
+                command_id: "ac_1".into(),
+                succeeded: false,
+                failure_code: 99,
+                message: "no".into(),
+            }))
+            .unwrap(),
+            AgentMessage::Report {
+                command_id: "ac_1".into(),
+                report: AgentReport::Failed {
+                    code: FailureCode::Internal,
+                    message: "no".into()
+                }
+            }
+        );
+        assert!(matches!(
+            message(Inbound::Ack(pb::CommandAck {
+                command_id: "a".repeat(MAX_REPORT_COMMAND_ID_LEN + 1),
+            })),
+            Ok(AgentMessage::Ignored(_))
+        ));
+        let compliance = pb::PasscodeCompliance {
+            reason: "x".repeat(1000),
+            ..Default::default()
+        };
+        let Ok(AgentMessage::Compliance(compliance)) = message(Inbound::Compliance(compliance))
+        else {
+            panic!("compliance expected");
+        };
+        assert_eq!(compliance.reason.len(), 256);
+        let hello = pb::AgentHello {
+            facts: Some(pb::DeviceFacts {
+                hostname: "bad\u{7}host".into(),
+                ..Default::default()
+            }),
+            compliance: None,
+        };
+        assert!(
+            message(Inbound::Hello(hello))
+                .unwrap_err()
+                .contains("hostname")
+        );
     }
 }
