@@ -434,6 +434,10 @@ pub enum CommandPayload {
     Unenroll,
 }
 
+/// Events one action's timeline keeps; progress steps beyond it are dropped,
+/// leaving room for the final status.
+pub const MAX_TIMELINE_EVENTS: usize = 64;
+
 /// A security action on a device, with its status history. Actions that
 /// go to the device are also its commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,6 +501,12 @@ impl Action {
         if status == self.status && status != ActionStatus::InProgress {
             return false;
         }
+        // A device cannot grow its action record without bound with progress steps.
+        if status == ActionStatus::InProgress
+            && self.timeline.len() >= MAX_TIMELINE_EVENTS.saturating_sub(1)
+        {
+            return false;
+        }
         self.status = status;
         self.updated_at = at;
         self.timeline.push(ActionEvent {
@@ -510,5 +520,45 @@ impl Action {
     /// Whether the command still waits in the device's queue.
     pub fn is_queued(&self) -> bool {
         self.payload.is_some() && !self.status.is_terminal()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn progress_steps_cannot_grow_a_timeline_without_bound_and_the_result_still_lands() {
+        let device = Device {
+            device_id: "dv_1".into(),
+            site_id: "st_1".into(),
+            user_email: "a@example.com".into(),
+            facts: DeviceFacts {
+                platform: Platform::Linux,
+                os_version: String::new(),
+                model: String::new(),
+                serial_number: "S1".into(),
+                hostname: String::new(),
+                agent_version: String::new(),
+                capabilities: Vec::new(),
+            },
+            status: DeviceStatus::Active,
+            enrolled_at: 0,
+            last_seen: None,
+            certificates: Vec::new(),
+            replaces_device_id: None,
+            replaced_by_device_id: None,
+            security: DeviceSecurity::default(),
+        };
+        let mut action =
+            Action::pending("ac_1".into(), &device, ActionType::Lock, "me", "queued", 0);
+        for step in 0..1000 {
+            action.advance(ActionStatus::InProgress, format!("step {step}"), step);
+        }
+        assert_eq!(action.timeline.len(), MAX_TIMELINE_EVENTS - 1);
+        assert!(action.advance(ActionStatus::Succeeded, "done", 1000));
+        assert_eq!(action.timeline.len(), MAX_TIMELINE_EVENTS);
+        assert_eq!(action.status, ActionStatus::Succeeded);
     }
 }

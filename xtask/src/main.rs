@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
-        Some("tools") => install_tools().map(|_| ()),
+        Some("tools") => install_tools().and_then(|_| install_cargo_deny().map(|_| ())),
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
         Some("chaos") => chaos(&args[1..]),
@@ -80,6 +80,9 @@ struct Tools {
     python_path: PathBuf,
 }
 
+/// `cargo deny check bans licenses sources` (deny.toml), built from crates.io.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 fn test(extra: &[String]) -> Result<()> {
     let tools = install_tools()?;
     run(
@@ -96,6 +99,14 @@ fn test(extra: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]),
+    )?;
+    // Advisories need a database fetched from GitHub, which our machines
+    // cannot reach: see deny.toml.
+    run(
+        "cargo deny check bans licenses sources",
+        Command::new(install_cargo_deny()?)
+            .args(["deny", "check", "bans", "licenses", "sources"])
+            .current_dir(root()),
     )?;
     // The end-to-end tests drive the real agent binary, which `cargo test
     // --workspace` builds (for the agent's own CLI tests) before any test runs.
@@ -237,6 +248,31 @@ fn install_tools() -> Result<Tools> {
         grpcurl,
         python_path,
     })
+}
+
+/// cargo-deny in `target/tools/bin`, built once (a few minutes) from crates.io.
+fn install_cargo_deny() -> Result<PathBuf> {
+    let tools = root().join("target/tools");
+    let cargo_deny = tools.join("bin/cargo-deny");
+    let installed = Command::new(&cargo_deny)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_DENY_VERSION))
+        .unwrap_or(false);
+    if !installed {
+        run(
+            &format!("cargo install cargo-deny {CARGO_DENY_VERSION}"),
+            cargo()
+                .args(["install", "--locked", "--quiet", "--version"])
+                .arg(CARGO_DENY_VERSION)
+                .arg("--root")
+                .arg(&tools)
+                .arg("cargo-deny")
+                // Its own scratch dir, kept out of the workspace's build cache.
+                .env("CARGO_TARGET_DIR", tools.join("build")),
+        )?;
+    }
+    Ok(cargo_deny)
 }
 
 fn install_grpcurl(tools: &Path, dest: &Path) -> Result<()> {

@@ -459,6 +459,16 @@ pub fn compliance_from_proto(compliance: pb::PasscodeCompliance) -> Compliance {
 
 /// Longest command id an agent's report may carry; ours are far shorter.
 pub const MAX_REPORT_COMMAND_ID_LEN: usize = 64;
+/// Longest progress step or result message kept from an agent; longer ones are cut.
+pub const MAX_REPORT_TEXT_CHARS: usize = 512;
+
+fn bounded_text(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(MAX_REPORT_TEXT_CHARS) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
 
 /// A message of an agent's stream, converted and checked at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -497,20 +507,21 @@ pub fn agent_message(message: pb::ConnectRequest) -> Result<AgentMessage, String
             return Ok(AgentMessage::Compliance(compliance_from_proto(compliance)));
         }
         Some(Inbound::Ack(ack)) => (ack.command_id, AgentReport::Acknowledged),
-        Some(Inbound::Progress(progress)) => {
-            (progress.command_id, AgentReport::Progress(progress.step))
-        }
+        Some(Inbound::Progress(progress)) => (
+            progress.command_id,
+            AgentReport::Progress(bounded_text(progress.step)),
+        ),
         Some(Inbound::Result(result)) => {
             let report = if result.succeeded {
                 AgentReport::Succeeded(if result.message.is_empty() {
                     "done".into()
                 } else {
-                    result.message
+                    bounded_text(result.message)
                 })
             } else {
                 AgentReport::Failed {
                     code: failure_code_from_proto(result.failure_code()),
-                    message: result.message,
+                    message: bounded_text(result.message),
                 }
             };
             (result.command_id, report)
@@ -596,6 +607,18 @@ mod tests {
                 }
             }
         );
+        let Ok(AgentMessage::Report {
+            report: AgentReport::Progress(step),
+            ..
+        }) = message(Inbound::Progress(pb::CommandProgress {
+            command_id: "ac_1".into(),
+            step: "é".repeat(100_000),
+        }))
+        else {
+            panic!("progress expected");
+        };
+        assert_eq!(step.chars().count(), MAX_REPORT_TEXT_CHARS + 1);
+        assert!(step.ends_with('…'));
         assert!(matches!(
             message(Inbound::Ack(pb::CommandAck {
                 command_id: "a".repeat(MAX_REPORT_COMMAND_ID_LEN + 1),
