@@ -37,6 +37,49 @@ pub enum Delivery {
     Withdrawn,
 }
 
+/// Moves `action` along by one agent report; false when nothing changed.
+fn apply_report(action: &mut Action, report: &AgentReport, now: Millis) -> bool {
+    if action.status.is_terminal() {
+        if action.status == ActionStatus::Canceled
+            && matches!(
+                report,
+                AgentReport::Succeeded(_) | AgentReport::Failed { .. }
+            )
+        {
+            // Record what the device says happened after the cancel.
+            action.timeline.push(ActionEvent {
+                status: action.status,
+                at: now,
+                detail: format!("reported after cancel: {report:?}"),
+            });
+            return true;
+        }
+        return false;
+    }
+    match report {
+        AgentReport::Acknowledged => {
+            action.advance(ActionStatus::Acknowledged, "stored by the agent", now)
+        }
+        AgentReport::Progress(step) => action.advance(ActionStatus::InProgress, step.clone(), now),
+        AgentReport::Succeeded(message) => {
+            action.advance(ActionStatus::Succeeded, message.clone(), now)
+        }
+        AgentReport::Failed { code, message } => {
+            let status = if *code == FailureCode::Expired {
+                ActionStatus::Expired
+            } else {
+                ActionStatus::Failed
+            };
+            let changed = action.advance(status, message.clone(), now);
+            if changed {
+                action.failure_code = Some(*code);
+                action.failure_reason = message.clone();
+            }
+            changed
+        }
+    }
+}
+
 fn supersedes(kind: ActionType) -> bool {
     matches!(kind, ActionType::Lock | ActionType::ResetPasscode)
 }
@@ -194,52 +237,31 @@ impl App {
         action_id: &str,
         report: AgentReport,
     ) -> Result<()> {
+        self.agent_reports(device_id, action_id, vec![report]).await
+    }
+
+    /// Applies several reports about one command, in order, with one write;
+    /// watchers still see every step.
+    pub async fn agent_reports(
+        &self,
+        device_id: &str,
+        action_id: &str,
+        reports: Vec<AgentReport>,
+    ) -> Result<()> {
         let now = now_millis();
         let mut wrong_device = false;
+        let mut steps = Vec::new();
         let updated = self.storage.update_action(action_id, |action| {
             if action.device_id != device_id {
                 wrong_device = true;
                 return false;
             }
-            if action.status.is_terminal() {
-                if action.status == ActionStatus::Canceled {
-                    // Record what the device says happened after the cancel.
-                    action.timeline.push(ActionEvent {
-                        status: action.status,
-                        at: now,
-                        detail: format!("reported after cancel: {report:?}"),
-                    });
-                    return matches!(
-                        report,
-                        AgentReport::Succeeded(_) | AgentReport::Failed { .. }
-                    );
-                }
-                return false;
-            }
-            match &report {
-                AgentReport::Acknowledged => {
-                    action.advance(ActionStatus::Acknowledged, "stored by the agent", now)
-                }
-                AgentReport::Progress(step) => {
-                    action.advance(ActionStatus::InProgress, step.clone(), now)
-                }
-                AgentReport::Succeeded(message) => {
-                    action.advance(ActionStatus::Succeeded, message.clone(), now)
-                }
-                AgentReport::Failed { code, message } => {
-                    let status = if *code == FailureCode::Expired {
-                        ActionStatus::Expired
-                    } else {
-                        ActionStatus::Failed
-                    };
-                    let changed = action.advance(status, message.clone(), now);
-                    if changed {
-                        action.failure_code = Some(*code);
-                        action.failure_reason = message.clone();
-                    }
-                    changed
+            for report in &reports {
+                if apply_report(action, report, now) {
+                    steps.push(action.clone());
                 }
             }
+            !steps.is_empty()
         })?;
         match updated {
             None => tracing::warn!(
@@ -262,15 +284,16 @@ impl App {
                     )
                 {
                     self.storage.update_device(device_id, |device| {
-                        device.security.locked = true;
-                        true
+                        !std::mem::replace(&mut device.security.locked, true)
                     })?;
                 }
                 // Not flushed per report (sled flushes within 500 ms): if a
                 // crash loses a report, the command is still queued, is sent
                 // again on reconnect, and the agent's journal replays the
                 // same outcome without applying it twice.
-                self.publish(action);
+                for step in steps {
+                    self.publish(step);
+                }
             }
             Some((_, false)) => {}
         }

@@ -143,6 +143,9 @@ pub struct Storage {
     users_lock: Arc<Mutex<()>>,
     /// Serialises changes to company passcode records.
     passcode_lock: Arc<Mutex<()>>,
+    /// Sites that have a webhook, kept in step with `sites` by `put_site`:
+    /// every action change asks, and most sites have none.
+    webhook_sites: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
 /// Group commit: callers take tickets, one flusher serves them in rounds.
@@ -231,7 +234,31 @@ impl Storage {
             });
         }
         storage.finish_pending_lockouts()?;
+        storage.load_webhook_sites()?;
         Ok(storage)
+    }
+
+    fn load_webhook_sites(&self) -> Result<(), StorageError> {
+        let mut sites = self
+            .webhook_sites
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        for entry in self.sites.iter() {
+            let (_, value) = entry?;
+            let site: Site = decode(&value)?;
+            if site.webhook.is_some() {
+                sites.insert(site.site_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the site has a webhook, without reading the site.
+    pub fn site_has_webhook(&self, site_id: &str) -> bool {
+        self.webhook_sites
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(site_id)
     }
 
     fn open_unchecked(path: &Path) -> Result<Self, StorageError> {
@@ -282,6 +309,7 @@ impl Storage {
             devices_lock: Arc::default(),
             users_lock: Arc::default(),
             passcode_lock: Arc::default(),
+            webhook_sites: Arc::default(),
             db,
         })
     }
@@ -348,6 +376,15 @@ impl Storage {
 
     pub fn put_site(&self, site: &Site) -> Result<(), StorageError> {
         self.sites.insert(site.site_id.as_bytes(), encode(site))?;
+        let mut webhooks = self
+            .webhook_sites
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if site.webhook.is_some() {
+            webhooks.insert(site.site_id.clone());
+        } else {
+            webhooks.remove(&site.site_id);
+        }
         Ok(())
     }
 
@@ -699,6 +736,22 @@ impl Storage {
         Ok(())
     }
 
+    /// [`put_action`](Self::put_action) for an action already stored: its
+    /// site and device index entries exist, and its queue and expiry entries
+    /// change only when it stops being queued (ids and expiry never change).
+    fn put_changed_action(&self, was_queued: bool, action: &Action) -> Result<(), StorageError> {
+        self.actions
+            .insert(action.action_id.as_bytes(), encode(action))?;
+        if was_queued && !action.is_queued() {
+            let mut expiry_key = action.expires_at.to_be_bytes().to_vec();
+            expiry_key.extend_from_slice(action.action_id.as_bytes());
+            self.device_queue
+                .remove(key2(&action.device_id, &action.action_id))?;
+            self.action_expiry.remove(expiry_key)?;
+        }
+        Ok(())
+    }
+
     /// Changes an action under the actions lock; `change` returns false to
     /// leave it as it was. Returns the action after and whether it changed.
     pub fn update_action(
@@ -710,9 +763,10 @@ impl Storage {
         let Some(mut action) = self.get_action(action_id)? else {
             return Ok(None);
         };
+        let was_queued = action.is_queued();
         let changed = change(&mut action);
         if changed {
-            self.put_action(&action)?;
+            self.put_changed_action(was_queued, &action)?;
         }
         Ok(Some((action, changed)))
     }

@@ -131,6 +131,9 @@ impl App {
 
     /// Queues an action's change for the site's webhook, if it has one.
     pub(crate) fn queue_action_webhook(&self, action: &Action) {
+        if !self.storage.site_has_webhook(&action.site_id) {
+            return;
+        }
         let Ok(Some(site)) = self.storage.get_site(&action.site_id) else {
             return;
         };

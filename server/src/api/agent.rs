@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use mdm_proto::v1 as pb;
 use mdm_proto::v1::agent_service_server::AgentService;
 use mdm_proto::v1::connect_response::Message as Outbound;
@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, AgentMessage, timestamp};
 use crate::app::App;
-use crate::commands::Delivery;
+use crate::commands::{AgentReport, Delivery};
 use crate::identity;
 use crate::live::StreamSignal;
 use crate::model::now_millis;
@@ -136,14 +136,30 @@ impl Session {
         let mut heartbeat = tokio::time::interval(self.interval);
         heartbeat.tick().await;
         let mut last_heard = Instant::now();
+        // The end of the stream (or its error), when a batch ran into it.
+        let mut held = None;
         let reason = match self.push_queued().await {
             Err(reason) => reason,
             Ok(()) => loop {
                 tokio::select! {
-                    message = inbound.message() => match message {
+                    message = next_message(&mut inbound, &mut held) => match message {
                         Ok(Some(message)) => {
                             last_heard = Instant::now();
-                            if let Err(reason) = self.handle(message).await {
+                            // Messages that have already arrived are handled
+                            // together: an agent's reports about one command
+                            // (acknowledged, progress, result) become one write.
+                            let mut batch = vec![message];
+                            while batch.len() < MAX_BATCH {
+                                match inbound.message().now_or_never() {
+                                    Some(Ok(Some(next))) => batch.push(next),
+                                    Some(end) => {
+                                        held = Some(end);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            if let Err(reason) = self.handle_batch(batch).await {
                                 break reason;
                             }
                         }
@@ -257,39 +273,85 @@ impl Session {
         Ok(())
     }
 
-    async fn handle(&self, message: pb::ConnectRequest) -> Result<(), &'static str> {
-        let (command_id, report) = match convert::agent_message(message) {
-            Ok(AgentMessage::Heartbeat) => {
-                if let Err(error) = self.app.device_seen(&self.device_id, None) {
-                    tracing::warn!(%error, "cannot record a heartbeat");
+    /// Handles messages in order; consecutive reports about one command are
+    /// stored with one write.
+    async fn handle_batch(&self, batch: Vec<pb::ConnectRequest>) -> Result<(), &'static str> {
+        let mut group: Option<(String, Vec<AgentReport>)> = None;
+        for message in batch {
+            match convert::agent_message(message) {
+                Ok(AgentMessage::Report { command_id, report }) => match &mut group {
+                    Some((id, reports)) if *id == command_id => reports.push(report),
+                    _ => {
+                        if let Some((id, reports)) = group.replace((command_id, vec![report])) {
+                            self.store_reports(&id, reports).await?;
+                        }
+                    }
+                },
+                other => {
+                    if let Some((id, reports)) = group.take() {
+                        self.store_reports(&id, reports).await?;
+                    }
+                    self.handle(other);
                 }
-                return Ok(());
             }
-            // A hello is only checked as the first message; a later one, valid or not, is ignored.
-            Ok(AgentMessage::Hello { .. }) | Err(_) => {
-                tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
-                return Ok(());
-            }
-            Ok(AgentMessage::Compliance(compliance)) => {
-                if let Err(error) = self.app.record_compliance(&self.device_id, compliance) {
-                    tracing::warn!(%error, "cannot record compliance");
-                }
-                return Ok(());
-            }
-            Ok(AgentMessage::Ignored(why)) => {
-                tracing::warn!(device_id = %self.device_id, "{why}");
-                return Ok(());
-            }
-            Ok(AgentMessage::Report { command_id, report }) => (command_id, report),
-        };
+        }
+        if let Some((id, reports)) = group {
+            self.store_reports(&id, reports).await?;
+        }
+        Ok(())
+    }
+
+    async fn store_reports(
+        &self,
+        command_id: &str,
+        reports: Vec<AgentReport>,
+    ) -> Result<(), &'static str> {
         if let Err(error) = self
             .app
-            .agent_report(&self.device_id, &command_id, report)
+            .agent_reports(&self.device_id, command_id, reports)
             .await
         {
             tracing::error!(%error, "cannot record a command report");
             return Err("a command report cannot be stored");
         }
         Ok(())
+    }
+
+    /// A message that is not a report.
+    fn handle(&self, message: Result<AgentMessage, String>) {
+        match message {
+            Ok(AgentMessage::Heartbeat) => {
+                if let Err(error) = self.app.device_seen(&self.device_id, None) {
+                    tracing::warn!(%error, "cannot record a heartbeat");
+                }
+            }
+            // A hello is only checked as the first message; a later one, valid or not, is ignored.
+            Ok(AgentMessage::Hello { .. }) | Err(_) => {
+                tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
+            }
+            Ok(AgentMessage::Compliance(compliance)) => {
+                if let Err(error) = self.app.record_compliance(&self.device_id, compliance) {
+                    tracing::warn!(%error, "cannot record compliance");
+                }
+            }
+            Ok(AgentMessage::Ignored(why)) => {
+                tracing::warn!(device_id = %self.device_id, "{why}");
+            }
+            Ok(AgentMessage::Report { .. }) => {}
+        }
+    }
+}
+
+/// Messages handled together at most.
+const MAX_BATCH: usize = 32;
+
+/// The next message: one a batch ran into first, else from the stream.
+async fn next_message(
+    inbound: &mut Streaming<pb::ConnectRequest>,
+    held: &mut Option<Result<Option<pb::ConnectRequest>, Status>>,
+) -> Result<Option<pb::ConnectRequest>, Status> {
+    match held.take() {
+        Some(end) => end,
+        None => inbound.message().await,
     }
 }
