@@ -229,19 +229,9 @@ impl App {
         })
     }
 
-    /// Applies what the agent of `device_id` reported about `action_id`.
-    /// Reports about other devices' or unknown commands are ignored.
-    pub async fn agent_report(
-        &self,
-        device_id: &str,
-        action_id: &str,
-        report: AgentReport,
-    ) -> Result<()> {
-        self.agent_reports(device_id, action_id, vec![report]).await
-    }
-
-    /// Applies several reports about one command, in order, with one write;
-    /// watchers still see every step.
+    /// Applies what the agent of `device_id` reported about `action_id`, in
+    /// order, with one write; watchers still see every step. Reports about
+    /// other devices' or unknown commands are ignored.
     pub async fn agent_reports(
         &self,
         device_id: &str,

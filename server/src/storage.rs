@@ -61,6 +61,13 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
     serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt(e.to_string()))
 }
 
+/// `expires_at` (8 bytes, big endian) then the action id: expiry order.
+fn expiry_key(action: &Action) -> Vec<u8> {
+    let mut key = action.expires_at.to_be_bytes().to_vec();
+    key.extend_from_slice(action.action_id.as_bytes());
+    key
+}
+
 /// `a \0 b`: composite keys sort by `a`, then `b`.
 fn key2(a: &str, b: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(a.len() + b.len() + 1);
@@ -718,8 +725,7 @@ impl Storage {
     /// removed after it, so a crash leaves at most an entry readers skip.
     pub fn put_action(&self, action: &Action) -> Result<(), StorageError> {
         let queue_key = key2(&action.device_id, &action.action_id);
-        let mut expiry_key = action.expires_at.to_be_bytes().to_vec();
-        expiry_key.extend_from_slice(action.action_id.as_bytes());
+        let expiry_key = expiry_key(action);
         self.site_actions
             .insert(key2(&action.site_id, &action.action_id), &[])?;
         self.device_actions.insert(queue_key.as_slice(), &[])?;
@@ -743,11 +749,9 @@ impl Storage {
         self.actions
             .insert(action.action_id.as_bytes(), encode(action))?;
         if was_queued && !action.is_queued() {
-            let mut expiry_key = action.expires_at.to_be_bytes().to_vec();
-            expiry_key.extend_from_slice(action.action_id.as_bytes());
             self.device_queue
                 .remove(key2(&action.device_id, &action.action_id))?;
-            self.action_expiry.remove(expiry_key)?;
+            self.action_expiry.remove(expiry_key(action))?;
         }
         Ok(())
     }

@@ -222,6 +222,23 @@ impl TestServer {
             .await
     }
 
+    /// The device service, as the owner.
+    pub async fn devices(&self) -> pb::device_service_client::DeviceServiceClient<Channel> {
+        pb::device_service_client::DeviceServiceClient::new(self.admin_channel(&self.owner()).await)
+    }
+
+    /// `GetDevice` as the owner.
+    pub async fn get_device(&self, device_id: &str) -> pb::GetDeviceResponse {
+        self.devices()
+            .await
+            .get_device(pb::GetDeviceRequest {
+                device_id: device_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// A channel that presents `agent`'s device certificate.
     pub async fn device_channel(&self, agent: &TestAgent) -> Channel {
         let cert = std::fs::read_to_string(agent.state_dir.join("device.crt")).unwrap();

@@ -9,27 +9,13 @@ use mdm_tests::{
 };
 use pb::action_log_service_client::ActionLogServiceClient;
 use pb::agent_service_client::AgentServiceClient;
-use pb::device_service_client::DeviceServiceClient;
 use pb::enrollment_service_client::EnrollmentServiceClient;
 use pb::site_service_client::SiteServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-async fn devices(server: &TestServer) -> DeviceServiceClient<Channel> {
-    DeviceServiceClient::new(server.admin_channel(&server.owner()).await)
-}
-
 async fn get_device(server: &TestServer, device_id: &str) -> pb::Device {
-    devices(server)
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: device_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .device
-        .unwrap()
+    server.get_device(device_id).await.device.unwrap()
 }
 
 async fn passcode_info(server: &TestServer, site_id: &str) -> pb::CompanyPasscodeInfo {
@@ -206,7 +192,8 @@ async fn a_running_agent_is_online_and_unenroll_closes_its_stream_and_wipes_it()
     })
     .await;
 
-    let action = devices(&server)
+    let action = server
+        .devices()
         .await
         .unenroll_device(pb::UnenrollDeviceRequest {
             device_id: device_id.clone(),
@@ -294,7 +281,8 @@ async fn a_running_agent_is_online_and_unenroll_closes_its_stream_and_wipes_it()
     );
     assert!(old.identity().is_none());
 
-    let status = devices(&server)
+    let status = server
+        .devices()
         .await
         .unenroll_device(pb::UnenrollDeviceRequest { device_id })
         .await
@@ -434,7 +422,8 @@ async fn wrong_passcodes_count_toward_lockout_and_a_locked_or_disabled_passcode_
     let out = agent.enroll(&server, "dan@example.com", &fresh).await;
     assert!(text(&out.stderr).contains("enrollment refused"));
     assert!(agent.identity().is_none());
-    let devices = devices(&server)
+    let devices = server
+        .devices()
         .await
         .list_devices(pb::ListDevicesRequest {
             site_id,
@@ -525,7 +514,8 @@ async fn bad_csrs_and_oversized_requests_are_refused_and_nothing_is_stored() {
     // Nothing stored, and malformed CSRs did not count against the passcode.
     let info = passcode_info(&server, &site_id).await;
     assert_eq!((info.failed_attempts, info.enrollments), (0, 0));
-    let listed = devices(&server)
+    let listed = server
+        .devices()
         .await
         .list_devices(pb::ListDevicesRequest {
             site_id: site_id.clone(),

@@ -9,25 +9,8 @@ use mdm_tests::{
     TestAgent, TestServer, code, eventually, eventually_within, files_under, pb, site_with_passcode,
 };
 use pb::action_log_service_client::ActionLogServiceClient;
-use pb::device_service_client::DeviceServiceClient;
 use pb::site_service_client::SiteServiceClient;
 use tonic::Code;
-use tonic::transport::Channel;
-
-async fn devices(server: &TestServer) -> DeviceServiceClient<Channel> {
-    DeviceServiceClient::new(server.admin_channel(&server.owner()).await)
-}
-
-async fn get(server: &TestServer, device_id: &str) -> pb::GetDeviceResponse {
-    devices(server)
-        .await
-        .get_device(pb::GetDeviceRequest {
-            device_id: device_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 async fn wait_done(server: &TestServer, action_id: &str) -> pb::Action {
     let log = ActionLogServiceClient::new(server.admin_channel(&server.owner()).await);
@@ -94,7 +77,8 @@ async fn online_agent(
     eventually("the agent is online", || {
         let device_id = device_id.clone();
         async move {
-            get(server, &device_id)
+            server
+                .get_device(&device_id)
                 .await
                 .device
                 .unwrap()
@@ -122,7 +106,8 @@ async fn a_reset_sets_the_new_passcode_on_the_device_and_the_admin_sees_it_audit
     let (site_id, agent, _child) = online_agent(&server, "hal@example.com", &[]).await;
     let device_id = agent.device_id();
 
-    let response = devices(&server)
+    let response = server
+        .devices()
         .await
         .reset_passcode(reset(&device_id, "HAL@example.com", true))
         .await
@@ -154,7 +139,7 @@ async fn a_reset_sets_the_new_passcode_on_the_device_and_the_admin_sees_it_audit
         let device_id = device_id.clone();
         let server = &server;
         async move {
-            let response = get(server, &device_id).await;
+            let response = server.get_device(&device_id).await;
             let security = response.device.clone().unwrap().security.unwrap();
             security.compliant.then_some(response)
         }
@@ -231,7 +216,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
         let device_id = device_id.clone();
         let server = &server;
         async move {
-            get(server, &device_id)
+            server
+                .get_device(&device_id)
                 .await
                 .device
                 .unwrap()
@@ -242,7 +228,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
         }
     })
     .await;
-    let security = get(&server, &device_id)
+    let security = server
+        .get_device(&device_id)
         .await
         .device
         .unwrap()
@@ -251,7 +238,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
     assert!(!security.compliant);
     assert_eq!(security.compliance.unwrap().reason, "no passcode is set");
 
-    let response = devices(&server)
+    let response = server
+        .devices()
         .await
         .reset_passcode(reset(&device_id, "ida@example.com", false))
         .await
@@ -262,7 +250,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
         let device_id = device_id.clone();
         let server = &server;
         async move {
-            get(server, &device_id)
+            server
+                .get_device(&device_id)
                 .await
                 .device
                 .unwrap()
@@ -292,7 +281,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
         let device_id = device_id.clone();
         let server = &server;
         async move {
-            let security = get(server, &device_id)
+            let security = server
+                .get_device(&device_id)
                 .await
                 .device
                 .unwrap()
@@ -305,7 +295,8 @@ async fn the_policy_shapes_generated_passcodes_and_agents_report_compliance_when
     assert!(reason.contains("12"), "{reason}");
 
     // The next reset follows the policy.
-    let response = devices(&server)
+    let response = server
+        .devices()
         .await
         .reset_passcode(reset(&device_id, "ida@example.com", false))
         .await
@@ -359,7 +350,7 @@ async fn a_reset_is_refused_for_the_wrong_user_or_an_incapable_device_and_waits_
     let server = TestServer::start().await;
     let (_, agent, mut child) = online_agent(&server, "jo@example.com", &[]).await;
     let device_id = agent.device_id();
-    let mut devices = devices(&server).await;
+    let mut devices = server.devices().await;
 
     let status = devices
         .reset_passcode(reset(&device_id, "someone@example.com", false))
@@ -508,7 +499,8 @@ async fn the_linux_backend_really_sets_the_local_password() {
         let device_id = device_id.clone();
         let server = &server;
         async move {
-            get(server, &device_id)
+            server
+                .get_device(&device_id)
                 .await
                 .device
                 .unwrap()
@@ -518,7 +510,8 @@ async fn the_linux_backend_really_sets_the_local_password() {
     })
     .await;
 
-    let response = devices(&server)
+    let response = server
+        .devices()
         .await
         .reset_passcode(reset(&device_id, "ops@example.com", false))
         .await

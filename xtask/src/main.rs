@@ -155,53 +155,23 @@ fn demo() -> Result<()> {
 
 /// Release build, then the load generator against the real server.
 fn bench(extra: &[String]) -> Result<()> {
-    run(
-        "cargo build --release (server, bench)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "mdm-server",
-            "-p",
-            "mdm-tests",
-            "--bin",
-            "mdm-server",
-            "--bin",
-            "mdm-bench",
-        ]),
-    )?;
-    let target = target_dir();
+    let release = release_build(&[("mdm-server", "mdm-server"), ("mdm-tests", "mdm-bench")])?;
     run(
         "mdm-bench",
-        Command::new(target.join("release/mdm-bench"))
+        Command::new(release.join("mdm-bench"))
             .arg("--server-bin")
-            .arg(target.join("release/mdm-server"))
+            .arg(release.join("mdm-server"))
             .args(extra),
     )
 }
 
 /// Release build, then the crash-restart run with the real binaries.
 fn chaos(extra: &[String]) -> Result<()> {
-    run(
-        "cargo build --release (server, agent, chaos)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "mdm-server",
-            "-p",
-            "mdm-agent",
-            "-p",
-            "mdm-tests",
-            "--bin",
-            "mdm-server",
-            "--bin",
-            "mdm-agent",
-            "--bin",
-            "mdm-chaos",
-        ]),
-    )?;
-    let release = target_dir().join("release");
+    let release = release_build(&[
+        ("mdm-server", "mdm-server"),
+        ("mdm-agent", "mdm-agent"),
+        ("mdm-tests", "mdm-chaos"),
+    ])?;
     run(
         "mdm-chaos",
         Command::new(release.join("mdm-chaos"))
@@ -209,6 +179,21 @@ fn chaos(extra: &[String]) -> Result<()> {
             .env("MDM_AGENT_BIN", release.join("mdm-agent"))
             .args(extra),
     )
+}
+
+/// Builds `(package, binary)` pairs in release; returns the directory they are in.
+fn release_build(bins: &[(&str, &str)]) -> Result<PathBuf> {
+    let mut command = cargo();
+    command.args(["build", "--release"]);
+    for (package, bin) in bins {
+        command.args(["-p", package, "--bin", bin]);
+    }
+    let names: Vec<&str> = bins.iter().map(|(_, bin)| *bin).collect();
+    run(
+        &format!("cargo build --release ({})", names.join(", ")),
+        &mut command,
+    )?;
+    Ok(target_dir().join("release"))
 }
 
 fn target_dir() -> PathBuf {
