@@ -8,14 +8,15 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
-    Action, ActionEvent, ActionStatus, ActionType, CommandPayload, DeviceStatus, FailureCode,
-    Millis, now_millis, time_ordered_id,
+    Action, ActionEvent, ActionStatus, ActionType, CommandPayload, Device, DeviceStatus,
+    FailureCode, Millis, now_millis, time_ordered_id,
 };
 
 pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const MAX_COMMAND_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Why an older lock or reset was canceled.
 pub const SUPERSEDED: &str = "SUPERSEDED";
+const SENT_DETAIL: &str = "sent to the device";
 
 /// What an agent reported about one of its commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,10 +86,10 @@ fn supersedes(kind: ActionType) -> bool {
 }
 
 impl App {
-    /// Queues a command for a device, durably, and pokes its stream.
+    /// Queues a command for a device, durably, and hands it to its stream.
     pub async fn queue_command(
         &self,
-        device_id: &str,
+        device: &Device,
         admin_email: &str,
         action_type: ActionType,
         payload: CommandPayload,
@@ -96,7 +97,7 @@ impl App {
     ) -> Result<Action> {
         self.queue_command_as(
             time_ordered_id(),
-            device_id,
+            device,
             admin_email,
             action_type,
             payload,
@@ -139,10 +140,17 @@ impl App {
     }
 
     /// [`queue_command`](Self::queue_command) with a chosen action id.
+    ///
+    /// When the device's stream is live on this server and no older command
+    /// still waits to go out, the command is stored as SENT in the same
+    /// write that queues it and handed to the stream once committed: one
+    /// commit instead of two, and the stream does not read it back. SENT
+    /// is durable before the command goes out either way; if the stream
+    /// drops first, the command is still queued and goes out on the next one.
     pub(crate) async fn queue_command_as(
         &self,
         action_id: String,
-        device_id: &str,
+        device: &Device,
         admin_email: &str,
         action_type: ActionType,
         payload: CommandPayload,
@@ -155,42 +163,52 @@ impl App {
                 MAX_COMMAND_TTL.as_secs() / 86_400
             )));
         }
-        let device = self.get_device(device_id)?;
-        self.check_command(&device, action_type)?;
+        let device_id = device.device_id.as_str();
+        self.check_command(device, action_type)?;
         let now = now_millis();
         let mut action =
-            Action::pending(action_id, &device, action_type, admin_email, "queued", now);
+            Action::pending(action_id, device, action_type, admin_email, "queued", now);
         action.expires_at =
             now.saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX));
         action.payload = Some(payload);
-        let superseded = self.storage.with_actions_locked(|storage| {
+        let online = self.live.is_online(device_id);
+        let (superseded, direct) = self.storage.with_actions_locked(|storage| {
             let mut superseded = Vec::new();
-            if supersedes(action_type) {
-                for mut older in storage.queued_actions(device_id)? {
-                    if supersedes(older.action_type)
-                        && older.status == ActionStatus::Pending
-                        && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
-                    {
-                        older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
-                        storage.put_action(&older)?;
-                        superseded.push(older);
-                    }
+            let mut older_waits = false;
+            for mut older in storage.queued_actions(device_id)? {
+                if supersedes(action_type)
+                    && supersedes(older.action_type)
+                    && older.status == ActionStatus::Pending
+                    && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
+                {
+                    older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
+                    storage.put_action(&older)?;
+                    superseded.push(older);
+                } else if older.status == ActionStatus::Pending {
+                    older_waits = true;
                 }
             }
+            // Commands go out in queue order: one behind an unsent command waits its turn.
+            let direct = online && !older_waits;
+            if direct {
+                action.advance(ActionStatus::Sent, SENT_DETAIL, now);
+            }
             storage.put_action(&action)?;
-            Ok(superseded)
+            Ok((superseded, direct))
         })?;
         self.commit().await?;
         for older in superseded {
             self.publish(older);
         }
         self.publish(action.clone());
-        self.live.signal(
-            device_id,
+        let signal = if direct {
+            StreamSignal::Command(Box::new(action.clone()))
+        } else {
             StreamSignal::NewCommand {
                 action_id: action.action_id.clone(),
-            },
-        );
+            }
+        };
+        self.live.deliver(device_id, signal);
         tracing::info!(action_id = %action.action_id, device_id, kind = ?action_type, admin = admin_email, "command queued");
         Ok(action)
     }
@@ -219,7 +237,7 @@ impl App {
         let now = now_millis();
         let updated = self.storage.update_action(action_id, |action| {
             action.status == ActionStatus::Pending
-                && action.advance(ActionStatus::Sent, "sent to the device", now)
+                && action.advance(ActionStatus::Sent, SENT_DETAIL, now)
         })?;
         Ok(match updated {
             Some((action, true)) => Delivery::First(Box::new(action)),

@@ -15,8 +15,11 @@ pub enum StreamSignal {
     Unenrolled { action_id: String },
     /// The device enrolled again under a new id: close.
     Replaced,
-    /// A command was queued for the device: send it.
+    /// A command was queued for the device: send what is queued.
     NewCommand { action_id: String },
+    /// This command was queued, already recorded as SENT and committed:
+    /// send it without reading the queue.
+    Command(Box<crate::model::Action>),
     /// The site's passcode policy changed: send it.
     PolicyChanged,
 }
@@ -78,6 +81,31 @@ impl LiveStreams {
             .get(device_id)
             .map(|(_, tx)| tx.clone());
         sender.is_some_and(|tx| tx.try_send(signal).is_ok())
+    }
+
+    /// Sends a signal to the device's stream even when its signal queue is
+    /// full (then from a task, once there is room); false when it has no
+    /// stream. A command handed over this way must not be dropped: it would
+    /// only go out on the device's next stream.
+    pub fn deliver(&self, device_id: &str, signal: StreamSignal) -> bool {
+        let Some(tx) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(device_id)
+            .map(|(_, tx)| tx.clone())
+        else {
+            return false;
+        };
+        match tx.try_send(signal) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(signal)) => {
+                // Ends when the stream takes it or closes.
+                tokio::spawn(async move { tx.send(signal).await });
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     pub fn count(&self) -> usize {

@@ -130,14 +130,14 @@ impl App {
     #[allow(clippy::too_many_arguments)]
     pub async fn reset_passcode(
         &self,
-        device_id: &str,
+        device: &Device,
         admin_email: &str,
         confirm_user_email: &str,
         notify_user: bool,
         message: String,
         ttl: Option<Duration>,
     ) -> Result<(Action, Zeroizing<String>)> {
-        let device = self.get_device(device_id)?;
+        let device_id = device.device_id.as_str();
         if !confirm_user_email
             .trim()
             .eq_ignore_ascii_case(&device.user_email)
@@ -156,14 +156,14 @@ impl App {
         }
         let notifications: Vec<Notification> = recipients
             .into_iter()
-            .map(|recipient| reset_email(&device, &action_id, admin_email, recipient, now))
+            .map(|recipient| reset_email(device, &action_id, admin_email, recipient, now))
             .collect();
         let payload = CommandPayload::ResetPasscode {
             passcode_sealed: self.secrets.seal(&passcode, &command_context(&action_id)),
             message,
         };
         // Check the command can be queued before recording anything else.
-        self.check_command(&device, ActionType::ResetPasscode)?;
+        self.check_command(device, ActionType::ResetPasscode)?;
         let sealed_for_device = self.secrets.seal(&passcode, &device_context(device_id));
         self.storage.update_device(device_id, |device| {
             device.security.latest_reset = Some(LatestReset {
@@ -180,7 +180,7 @@ impl App {
         let action = self
             .queue_command_as(
                 action_id,
-                device_id,
+                device,
                 admin_email,
                 ActionType::ResetPasscode,
                 payload,

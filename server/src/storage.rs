@@ -155,6 +155,13 @@ pub struct Storage {
     webhook_sites: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
+/// Under concurrent load, rounds of the group commit start at least this
+/// far apart, so that each flush covers many callers: every flush costs a
+/// log write and a `sync_file_range` on sled's threads, and at thousands of
+/// commits a second those dominated the server's CPU (BENCHMARKS.md). A
+/// caller working alone is never held back.
+const MIN_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Group commit: callers take tickets, one flusher serves them in rounds.
 #[derive(Debug)]
 struct GroupCommit {
@@ -180,16 +187,26 @@ impl Default for GroupCommit {
 
 impl GroupCommit {
     fn flush_loop(&self, db: &sled::Db) {
+        // When the last round served several callers, more are coming.
+        let mut busy_since: Option<std::time::Instant> = None;
         loop {
-            let target = {
+            if let Some(at) = busy_since {
+                let ready = at + MIN_FLUSH_INTERVAL;
+                let now = std::time::Instant::now();
+                if ready > now {
+                    std::thread::sleep(ready - now);
+                }
+            }
+            let (target, flushed) = {
                 let mut state = hold_commit(&self.state);
                 let flushed = self.done.borrow().0;
                 if state.requested == flushed {
                     state.flushing = false;
                     return;
                 }
-                state.requested
+                (state.requested, flushed)
             };
+            busy_since = (target - flushed > 1).then(std::time::Instant::now);
             let result = db.flush();
             if let Err(error) = &result {
                 tracing::error!(%error, "flushing the database failed");

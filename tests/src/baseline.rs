@@ -1,18 +1,21 @@
-//! The benchmark's yardstick: a bare tonic + rustls mTLS server speaking
-//! the same `AgentService.Connect` stream, with no storage, no identity
-//! checks beyond the handshake, and no action log. Its fan-out (one command
-//! to every stream, until every result is back) bounds what the transport
-//! alone costs on this machine.
+//! The benchmark's yardstick: a bare tonic + rustls mTLS server with no
+//! storage, no identity checks beyond the handshake and no action log. It
+//! speaks the same `AgentService.Connect` stream and answers the same
+//! `DeviceService.LockDevice` call by writing the command straight to the
+//! device's stream, so the same fan-out (admin calls in, commands out,
+//! agent reports back) shows what the transport alone costs on this
+//! machine. It also times a push-only fan-out: one command written to every
+//! stream from inside the server, with no admin calls at all.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,11 +23,32 @@ use crate::pb;
 use pb::connect_request::Message as Up;
 use pb::connect_response::Message as Down;
 
+type StreamTx = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
+
 #[derive(Default)]
 struct Echo {
-    streams: Mutex<Vec<mpsc::Sender<Result<pb::ConnectResponse, Status>>>>,
+    /// Each agent's stream, by the serial number its hello names.
+    streams: Mutex<HashMap<String, StreamTx>>,
     results: AtomicUsize,
+    next_command: AtomicU64,
     progress: Notify,
+}
+
+impl Echo {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, StreamTx>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn command(&self, kind: pb::ActionType) -> pb::ConnectResponse {
+        let id = self.next_command.fetch_add(1, Ordering::Relaxed);
+        pb::ConnectResponse {
+            message: Some(Down::Command(pb::Command {
+                command_id: id.to_string(),
+                r#type: kind.into(),
+                ..Default::default()
+            })),
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -39,17 +63,19 @@ impl pb::agent_service_server::AgentService for EchoService {
         request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<BoxStream>, Status> {
         let mut inbound = request.into_inner();
+        let serial = match inbound.next().await {
+            Some(Ok(pb::ConnectRequest {
+                message: Some(Up::Hello(hello)),
+            })) => hello.facts.unwrap_or_default().serial_number,
+            _ => return Err(Status::invalid_argument("expected a hello")),
+        };
         let (tx, rx) = mpsc::channel(8);
         let _ = tx
             .send(Ok(pb::ConnectResponse {
                 message: Some(Down::Hello(pb::ServerHello::default())),
             }))
             .await;
-        self.0
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
+        self.0.streams().insert(serial, tx);
         self.0.progress.notify_waiters();
         let echo = self.0.clone();
         tokio::spawn(async move {
@@ -60,7 +86,71 @@ impl pb::agent_service_server::AgentService for EchoService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::device_service_server::DeviceService for EchoService {
+    async fn lock_device(
+        &self,
+        request: Request<pb::LockDeviceRequest>,
+    ) -> Result<Response<pb::LockDeviceResponse>, Status> {
+        let device_id = request.into_inner().device_id;
+        let stream = self
+            .0
+            .streams()
+            .get(&device_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found("no such stream"))?;
+        let command = self.0.command(pb::ActionType::Lock);
+        let Some(Down::Command(sent)) = &command.message else {
+            unreachable!("command() makes a command")
+        };
+        let action = pb::Action {
+            action_id: sent.command_id.clone(),
+            device_id,
+            r#type: pb::ActionType::Lock.into(),
+            status: pb::ActionStatus::Sent.into(),
+            ..Default::default()
+        };
+        stream
+            .send(Ok(command))
+            .await
+            .map_err(|_| Status::unavailable("stream closed"))?;
+        Ok(Response::new(pb::LockDeviceResponse {
+            action: Some(action),
+        }))
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn get_device(
+        &self,
+        _: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::GetDeviceResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn reset_passcode(
+        &self,
+        _: Request<pb::ResetPasscodeRequest>,
+    ) -> Result<Response<pb::ResetPasscodeResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn unenroll_device(
+        &self,
+        _: Request<pb::UnenrollDeviceRequest>,
+    ) -> Result<Response<pb::UnenrollDeviceResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
     }
 }
 
@@ -102,10 +192,11 @@ pub fn write_pki(dir: &std::path::Path, clients: usize) -> anyhow::Result<Vec<Pe
 }
 
 /// The baseline server, run in its own process (so each side has its own
-/// open-file budget): prints `port N`, waits for `n` streams, then for a
-/// line on stdin, fans one command out to every stream and prints
-/// `elapsed SECONDS` once every result is back.
-pub async fn serve(n: usize, pki_dir: &std::path::Path) -> anyhow::Result<()> {
+/// open-file budget). Prints `port N`, then serves. For each line on stdin:
+/// `results K` prints `done` once K results in all have come back (the
+/// end of an admin-driven fan-out); `push K` writes one command to every
+/// stream and prints `pushed SECONDS` once K results in all have come back.
+pub async fn serve(pki_dir: &std::path::Path) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
     let ca = std::fs::read_to_string(pki_dir.join("ca.pem"))?;
     let cert = std::fs::read_to_string(pki_dir.join("server.pem"))?;
@@ -120,75 +211,79 @@ pub async fn serve(n: usize, pki_dir: &std::path::Path) -> anyhow::Result<()> {
     tokio::spawn(
         Server::builder()
             .tls_config(tls)?
-            .add_service(pb::agent_service_server::AgentServiceServer::new(echo))
+            .add_service(pb::agent_service_server::AgentServiceServer::new(
+                echo.clone(),
+            ))
+            .add_service(pb::device_service_server::DeviceServiceServer::new(echo))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut line = String::new();
-    tokio::io::BufReader::new(tokio::io::stdin())
-        .read_line(&mut line)
-        .await?;
-    wait(&state, n, "streams", |s| {
-        s.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
-    })
-    .await?;
-    let started = Instant::now();
-    let streams = state
-        .streams
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    for (i, stream) in streams.iter().enumerate() {
-        let command = pb::Command {
-            command_id: i.to_string(),
-            r#type: pb::ActionType::Lock.into(),
-            ..Default::default()
-        };
-        let _ = stream
-            .send(Ok(pb::ConnectResponse {
-                message: Some(Down::Command(command)),
-            }))
-            .await;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let (verb, count) = line.split_once(' ').unwrap_or((line.as_str(), "0"));
+        let target: usize = count.parse()?;
+        match verb {
+            "results" => {
+                wait(&state, target).await?;
+                println!("done");
+            }
+            "push" => {
+                let started = Instant::now();
+                let streams: Vec<StreamTx> = state.streams().values().cloned().collect();
+                for stream in streams {
+                    let _ = stream.send(Ok(state.command(pb::ActionType::Lock))).await;
+                }
+                wait(&state, target).await?;
+                println!("pushed {}", started.elapsed().as_secs_f64());
+            }
+            other => anyhow::bail!("baseline: unknown request {other:?}"),
+        }
     }
-    wait(&state, n, "results", |s| s.results.load(Ordering::Relaxed)).await?;
-    println!("elapsed {}", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-async fn wait(
-    state: &Echo,
-    target: usize,
-    what: &str,
-    count: fn(&Echo) -> usize,
-) -> anyhow::Result<()> {
+async fn wait(state: &Echo, target: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let notified = state.progress.notified();
-        if count(state) >= target {
+        if state.results.load(Ordering::Relaxed) >= target {
             return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "baseline: timed out waiting for {what}"
+            "baseline: timed out waiting for {target} results"
         );
         let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
     }
 }
 
-/// Seconds from sending one command on each of `n` mTLS streams until
-/// every result is back, with the server in a child process (`bench_exe
-/// --baseline-server`).
-pub async fn fan_out_in_child(
+/// What the baseline measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BaselineFanOut {
+    /// The same lock fan-out as ours: admin calls until every result is back.
+    pub same_fanout_s: f64,
+    /// CPU the baseline server used for it.
+    pub server_cpu_s: f64,
+    /// One command written to every stream from inside the server, until
+    /// every result is back.
+    pub push_only_s: f64,
+}
+
+/// Runs both baseline fan-outs against `n` agent streams, with the server
+/// in a child process (`bench_exe --baseline-server DIR`). The agents and
+/// the admin clients are the benchmark's own, so both sides do the same
+/// work on the wire.
+pub async fn fan_outs_in_child(
     n: usize,
     concurrency: usize,
     bench_exe: &std::path::Path,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<BaselineFanOut> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir()?;
-    let clients = write_pki(dir.path(), n)?;
+    let mut clients = write_pki(dir.path(), n + 1)?;
+    let (admin_cert, admin_key) = clients.pop().expect("n + 1 identities");
     let ca = std::fs::read_to_string(dir.path().join("ca.pem"))?;
     let mut child = tokio::process::Command::new(bench_exe)
         .arg("--baseline-server")
-        .arg(n.to_string())
         .arg(dir.path())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -211,65 +306,82 @@ pub async fn fan_out_in_child(
         .and_then(|l| l.strip_prefix("port ").and_then(|p| p.parse().ok()))
         .ok_or_else(|| anyhow::anyhow!("the baseline server did not start"))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let mut sessions = Vec::with_capacity(n);
-    for (i, (cert, key)) in clients.into_iter().enumerate() {
-        let limit = limit.clone();
-        let tls = ClientTlsConfig::new()
+    let tls = |cert: &str, key: &str| {
+        ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&ca))
             .domain_name("localhost")
-            .identity(Identity::from_pem(cert, key));
-        sessions.push(tokio::spawn(client(addr, i, tls, limit)));
+            .identity(Identity::from_pem(cert, key))
+    };
+    let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let (done, _) = mpsc::unbounded_channel();
+    let mut sessions = Vec::with_capacity(n);
+    for (i, (cert, key)) in clients.iter().enumerate() {
+        let limit = limit.clone();
+        let tls = tls(cert, key);
+        let (done, connected) = (done.clone(), connected.clone());
+        sessions.push(tokio::spawn(async move {
+            let channel = {
+                let _permit = limit.acquire().await.ok()?;
+                crate::bench_channel_from(addr, i, tls).await.ok()?
+            };
+            tokio::spawn(crate::bench::agent_session(
+                channel,
+                crate::bench::serial(i),
+                done,
+                connected,
+            ));
+            Some(())
+        }));
     }
     for session in sessions {
         session.await?;
     }
-    stdin.write_all(b"go\n").await?;
-    let elapsed: f64 = lines
+    crate::eventually_within(
+        Duration::from_secs(300),
+        "every baseline stream is live",
+        &mut || {
+            let count = connected.load(Ordering::Relaxed);
+            async move { (count >= n).then_some(()) }
+        },
+    )
+    .await;
+    let mut admins = Vec::new();
+    for _ in 0..crate::bench::ADMIN_CONNECTIONS {
+        let channel = crate::bench_channel_from(addr, n, tls(&admin_cert, &admin_key)).await?;
+        admins.push(pb::device_service_client::DeviceServiceClient::new(channel));
+    }
+    let devices: Vec<String> = (0..n).map(crate::bench::serial).collect();
+
+    let child_pid = child.id().unwrap_or(0);
+    let started = Instant::now();
+    let cpu_before = crate::bench::cpu_seconds(child_pid);
+    let issued = crate::bench::issue_commands(&admins, &devices, "lock").await?;
+    anyhow::ensure!(
+        issued.len() == n,
+        "baseline: only {} of {n} calls succeeded",
+        issued.len()
+    );
+    stdin.write_all(format!("results {n}\n").as_bytes()).await?;
+    anyhow::ensure!(
+        lines.next_line().await?.as_deref() == Some("done"),
+        "the baseline server did not report"
+    );
+    let same_fanout_s = started.elapsed().as_secs_f64();
+    let server_cpu_s = crate::bench::cpu_seconds(child_pid) - cpu_before;
+
+    stdin
+        .write_all(format!("push {}\n", 2 * n).as_bytes())
+        .await?;
+    let push_only_s: f64 = lines
         .next_line()
         .await?
-        .and_then(|l| l.strip_prefix("elapsed ").and_then(|v| v.parse().ok()))
+        .and_then(|l| l.strip_prefix("pushed ").and_then(|v| v.parse().ok()))
         .ok_or_else(|| anyhow::anyhow!("the baseline server did not report"))?;
     let _ = child.kill().await;
-    Ok(elapsed)
-}
-
-async fn client(
-    addr: SocketAddr,
-    i: usize,
-    tls: ClientTlsConfig,
-    limit: Arc<tokio::sync::Semaphore>,
-) -> Option<()> {
-    let channel = {
-        let _permit = limit.acquire().await.ok()?;
-        crate::bench_channel_from(addr, i, tls).await.ok()?
-    };
-    let (tx, rx) = mpsc::channel(8);
-    let _ = tx
-        .send(pb::ConnectRequest {
-            message: Some(Up::Hello(pb::AgentHello::default())),
-        })
-        .await;
-    let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
-        .connect(ReceiverStream::new(rx))
-        .await
-        .ok()?
-        .into_inner();
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = inbound.next().await {
-            if let Some(Down::Command(command)) = message.message {
-                let result = pb::CommandResult {
-                    command_id: command.command_id,
-                    succeeded: true,
-                    ..Default::default()
-                };
-                let _ = tx
-                    .send(pb::ConnectRequest {
-                        message: Some(Up::Result(result)),
-                    })
-                    .await;
-            }
-        }
-    });
-    Some(())
+    Ok(BaselineFanOut {
+        same_fanout_s,
+        server_cpu_s,
+        push_only_s,
+    })
 }

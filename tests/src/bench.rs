@@ -53,7 +53,14 @@ impl Latency {
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct FanOut {
+    /// From the first admin call until every action is SUCCEEDED in the log.
     pub total_s: f64,
+    /// Until the last admin call returned.
+    pub calls_s: f64,
+    /// Until the last agent sent its result.
+    pub agents_done_s: f64,
+    /// CPU the server used from the first call until every action was SUCCEEDED.
+    pub server_cpu_s: f64,
     pub per_action: Latency,
     pub admin_call: Latency,
 }
@@ -71,8 +78,13 @@ pub struct Report {
     pub reset: FanOut,
     pub list_actions_page_100: Latency,
     pub actions_stored: usize,
+    /// The same lock fan-out against the baseline server (no storage).
     pub baseline_fanout_s: f64,
+    pub baseline_server_cpu_s: f64,
     pub lock_vs_baseline: f64,
+    /// The baseline writing one command to every stream itself (no admin calls).
+    pub baseline_push_only_s: f64,
+    pub lock_vs_push_only: f64,
 }
 
 pub fn source_ip(i: usize) -> IpAddr {
@@ -115,10 +127,36 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) process `pid` has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second
+    // on Linux); the command name in field 2 may hold spaces, so count from
+    // its closing parenthesis.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            Some((ticks(11)? + ticks(12)?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Admin connections a fan-out uses, and calls in flight on each.
+pub const ADMIN_CONNECTIONS: usize = 8;
+const CALLS_IN_FLIGHT: usize = 16;
+
+/// The serial number the benchmark gives agent `i`; the baseline server
+/// finds an agent's stream by it.
+pub fn serial(i: usize) -> String {
+    format!("BENCH-{i}")
+}
+
 /// One simulated agent on its own stream: acknowledges, reports progress
 /// and success for every command, and tells `done` when each finished.
-async fn agent_session(
+pub async fn agent_session(
     channel: Channel,
+    serial: String,
     done: mpsc::UnboundedSender<(String, Instant)>,
     connected: Arc<AtomicUsize>,
 ) {
@@ -139,6 +177,7 @@ async fn agent_session(
         facts: Some(pb::DeviceFacts {
             platform: pb::Platform::Linux.into(),
             agent_version: "bench".into(),
+            serial_number: serial,
             capabilities,
             ..Default::default()
         }),
@@ -192,6 +231,63 @@ async fn agent_session(
             _ => {}
         }
     }
+}
+
+/// Issues one command of `kind` ("lock" or "reset") per device, as fast as
+/// the server takes them: every admin connection with several calls in
+/// flight, so concurrent calls share the server's group-committed flushes.
+/// Returns (action id, call start, call latency) per accepted call.
+pub async fn issue_commands(
+    admins: &[pb::device_service_client::DeviceServiceClient<Channel>],
+    device_ids: &[String],
+    kind: &'static str,
+) -> anyhow::Result<Vec<(String, Instant, Duration)>> {
+    let per_admin = device_ids.len().div_ceil(admins.len()).max(1);
+    let mut calls = Vec::new();
+    for (admin, chunk) in admins.iter().zip(device_ids.chunks(per_admin)) {
+        let admin = admin.clone();
+        let chunk = chunk.to_vec();
+        calls.push(tokio::spawn(async move {
+            futures::stream::iter(chunk)
+                .map(|device_id| {
+                    let mut admin = admin.clone();
+                    async move {
+                        let begun = Instant::now();
+                        let action = if kind == "lock" {
+                            admin
+                                .lock_device(pb::LockDeviceRequest {
+                                    device_id,
+                                    ..Default::default()
+                                })
+                                .await
+                                .map(|r| r.into_inner().action)
+                        } else {
+                            admin
+                                .reset_passcode(pb::ResetPasscodeRequest {
+                                    device_id,
+                                    confirm_user_email: "bench@example.com".into(),
+                                    ..Default::default()
+                                })
+                                .await
+                                .map(|r| r.into_inner().action)
+                        };
+                        match action {
+                            Ok(Some(action)) => Some((action.action_id, begun, begun.elapsed())),
+                            _ => None,
+                        }
+                    }
+                })
+                .buffer_unordered(CALLS_IN_FLIGHT)
+                .filter_map(|x| async move { x })
+                .collect::<Vec<_>>()
+                .await
+        }));
+    }
+    let mut accepted = Vec::with_capacity(device_ids.len());
+    for call in calls {
+        accepted.extend(call.await?);
+    }
+    Ok(accepted)
 }
 
 /// Runs the whole benchmark. Prints progress to stderr.
@@ -262,7 +358,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
                     csr_pem: csr,
                     device: Some(pb::DeviceFacts {
                         platform: pb::Platform::Linux.into(),
-                        serial_number: format!("BENCH-{i}"),
+                        serial_number: serial(i),
                         ..Default::default()
                     }),
                 })
@@ -313,7 +409,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
                 let _permit = limit.acquire().await.ok()?;
                 channel_from(addr, source_ip(i), tls).await.ok()?
             };
-            tokio::spawn(agent_session(channel, done, connected));
+            tokio::spawn(agent_session(channel, serial(i), done, connected));
             Some(())
         }));
     }
@@ -340,7 +436,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     // 3 and 4. Fan-outs.
     let owner = handle.owner();
     let mut admins = Vec::new();
-    for _ in 0..options.concurrency.clamp(1, 8) {
+    for _ in 0..ADMIN_CONNECTIONS {
         admins.push(pb::device_service_client::DeviceServiceClient::new(
             handle.admin_channel(&owner).await,
         ));
@@ -349,58 +445,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     for kind in ["lock", "reset"] {
         eprintln!("bench: {kind} fan-out to {n} devices");
         let started = Instant::now();
-        let per_admin = device_ids.len().div_ceil(admins.len());
-        let mut calls = Vec::new();
-        for (admin, chunk) in admins.iter().zip(device_ids.chunks(per_admin)) {
-            let admin = admin.clone();
-            let chunk = chunk.to_vec();
-            calls.push(tokio::spawn(async move {
-                // Several calls in flight per admin connection: concurrent
-                // callers share the server's group-committed flushes.
-                futures::stream::iter(chunk)
-                    .map(|device_id| {
-                        let mut admin = admin.clone();
-                        async move {
-                            let begun = Instant::now();
-                            let action = if kind == "lock" {
-                                admin
-                                    .lock_device(pb::LockDeviceRequest {
-                                        device_id,
-                                        ..Default::default()
-                                    })
-                                    .await
-                                    .map(|r| r.into_inner().action)
-                            } else {
-                                admin
-                                    .reset_passcode(pb::ResetPasscodeRequest {
-                                        device_id,
-                                        confirm_user_email: "bench@example.com".into(),
-                                        ..Default::default()
-                                    })
-                                    .await
-                                    .map(|r| r.into_inner().action)
-                            };
-                            match action {
-                                Ok(Some(action)) => {
-                                    Some((action.action_id, begun, begun.elapsed()))
-                                }
-                                _ => None,
-                            }
-                        }
-                    })
-                    .buffer_unordered(16)
-                    .filter_map(|x| async move { x })
-                    .collect::<Vec<_>>()
-                    .await
-            }));
-        }
+        let cpu_before = cpu_seconds(server_pid);
+        let calls = issue_commands(&admins, &device_ids, kind).await?;
+        let calls_s = started.elapsed().as_secs_f64();
         let mut issued = std::collections::HashMap::new();
         let mut admin_latencies = Vec::new();
-        for call in calls {
-            for (id, begun, latency) in call.await? {
-                issued.insert(id, begun);
-                admin_latencies.push(latency);
-            }
+        for (id, begun, latency) in calls {
+            issued.insert(id, begun);
+            admin_latencies.push(latency);
         }
         anyhow::ensure!(
             issued.len() == n,
@@ -420,6 +472,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
                 finished += 1;
             }
         }
+        let agents_done_s = started.elapsed().as_secs_f64();
         let log = pb::action_log_service_client::ActionLogServiceClient::new(
             handle.admin_channel(&owner).await,
         );
@@ -463,6 +516,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         .await;
         let fan = FanOut {
             total_s: started.elapsed().as_secs_f64(),
+            server_cpu_s: cpu_seconds(server_pid) - cpu_before,
+            calls_s,
+            agents_done_s,
             per_action: Latency::of(per_action),
             admin_call: Latency::of(admin_latencies),
         };
@@ -502,25 +558,42 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     drop(identities);
     tokio::time::sleep(Duration::from_secs(1)).await;
     eprintln!("bench: baseline echo fan-out to {n} streams");
-    report.baseline_fanout_s =
-        crate::baseline::fan_out_in_child(n, options.concurrency, &options.bench_exe).await?;
-    report.lock_vs_baseline = report.lock.total_s / report.baseline_fanout_s.max(1e-9);
+    let baseline =
+        crate::baseline::fan_outs_in_child(n, options.concurrency, &options.bench_exe).await?;
+    report.baseline_fanout_s = baseline.same_fanout_s;
+    report.baseline_server_cpu_s = baseline.server_cpu_s;
+    report.lock_vs_baseline = report.lock.total_s / baseline.same_fanout_s.max(1e-9);
+    report.baseline_push_only_s = baseline.push_only_s;
+    report.lock_vs_push_only = report.lock.total_s / baseline.push_only_s.max(1e-9);
     Ok(report)
 }
 
 impl Report {
     pub fn table(&self) -> String {
         let l = |x: &Latency| format!("p50 {:.1} ms, p99 {:.1} ms", x.p50_ms, x.p99_ms);
+        let fan = |f: &FanOut| {
+            format!(
+                "{:.2} s to SUCCEEDED (calls done {:.2} s, agents done {:.2} s; server CPU {:.2} s); per action {}; admin call {}",
+                f.total_s,
+                f.calls_s,
+                f.agents_done_s,
+                f.server_cpu_s,
+                l(&f.per_action),
+                l(&f.admin_call)
+            )
+        };
         format!(
             "agents                      {}\n\
              enrollment                  {:.0}/s  ({})\n\
              connect ramp                {:.1} s to {} live streams\n\
              server RSS                  {} KB -> {} KB = {:.1} KB per connected agent\n\
-             lock fan-out                {:.2} s to SUCCEEDED; per action {}; admin call {}\n\
-             reset fan-out               {:.2} s to SUCCEEDED; per action {}; admin call {}\n\
+             lock fan-out                {}\n\
+             reset fan-out               {}\n\
              ListActions page of 100     {} ({} actions stored)\n\
-             baseline echo fan-out       {:.2} s\n\
-             lock fan-out / baseline     {:.1}x\n",
+             baseline lock fan-out       {:.2} s (same admin calls and agents, no storage; server CPU {:.2} s)\n\
+             lock fan-out / baseline     {:.1}x\n\
+             baseline push-only          {:.2} s (commands written by the server itself)\n\
+             lock fan-out / push-only    {:.1}x\n",
             self.agents,
             self.enroll_per_s,
             l(&self.enroll),
@@ -529,16 +602,15 @@ impl Report {
             self.server_rss_before_kb,
             self.server_rss_after_kb,
             self.kb_per_agent,
-            self.lock.total_s,
-            l(&self.lock.per_action),
-            l(&self.lock.admin_call),
-            self.reset.total_s,
-            l(&self.reset.per_action),
-            l(&self.reset.admin_call),
+            fan(&self.lock),
+            fan(&self.reset),
             l(&self.list_actions_page_100),
             self.actions_stored,
             self.baseline_fanout_s,
+            self.baseline_server_cpu_s,
             self.lock_vs_baseline,
+            self.baseline_push_only_s,
+            self.lock_vs_push_only,
         )
     }
 }

@@ -183,6 +183,11 @@ impl Session {
                                 break reason;
                             }
                         }
+                        Some(StreamSignal::Command(action)) => {
+                            if let Err(reason) = self.send_command(&action).await {
+                                break reason;
+                            }
+                        }
                         Some(StreamSignal::Unenrolled { action_id }) => {
                             let command = pb::Command {
                                 command_id: action_id,
@@ -231,10 +236,7 @@ impl Session {
             if self.sent.contains(&action.action_id) {
                 continue;
             }
-            let passcode = self.app.command_passcode(&action);
-            let Some(command) = convert::command(&action, passcode.as_ref().map(|p| p.as_str()))
-            else {
-                tracing::error!(action_id = %action.action_id, "a queued command cannot be unsealed; skipped");
+            let Some(command) = self.command(&action) else {
                 continue;
             };
             let sent = match self.app.mark_sent(&action.action_id) {
@@ -259,17 +261,44 @@ impl Session {
             if let Some(action) = sent {
                 self.app.publish(action);
             }
-            let action_id = command.command_id.clone();
-            if self
-                .tx
-                .send(outbound(Outbound::Command(command)))
-                .await
-                .is_err()
-            {
-                return Err("the agent stopped reading");
-            }
-            self.sent.insert(action_id);
+            self.write_command(command).await?;
         }
+        Ok(())
+    }
+
+    /// Sends a command the admin call already recorded as SENT and committed.
+    async fn send_command(&mut self, action: &crate::model::Action) -> Result<(), &'static str> {
+        if self.sent.contains(&action.action_id) {
+            return Ok(());
+        }
+        match self.command(action) {
+            Some(command) => self.write_command(command).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The wire form of a queued command; None (logged) when its sealed
+    /// passcode cannot be opened.
+    fn command(&self, action: &crate::model::Action) -> Option<pb::Command> {
+        let passcode = self.app.command_passcode(action);
+        let command = convert::command(action, passcode.as_ref().map(|p| p.as_str()));
+        if command.is_none() {
+            tracing::error!(action_id = %action.action_id, "a queued command cannot be unsealed; skipped");
+        }
+        command
+    }
+
+    async fn write_command(&mut self, command: pb::Command) -> Result<(), &'static str> {
+        let action_id = command.command_id.clone();
+        if self
+            .tx
+            .send(outbound(Outbound::Command(command)))
+            .await
+            .is_err()
+        {
+            return Err("the agent stopped reading");
+        }
+        self.sent.insert(action_id);
         Ok(())
     }
 

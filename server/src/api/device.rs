@@ -102,7 +102,7 @@ impl DeviceService for DeviceApi {
         let (action, passcode) = self
             .app
             .reset_passcode(
-                device_id,
+                &device,
                 &admin.email,
                 &request.confirm_user_email,
                 request.notify_user,
@@ -130,7 +130,7 @@ impl DeviceService for DeviceApi {
         let action = self
             .app
             .queue_command(
-                device_id,
+                &device,
                 &admin.email,
                 ActionType::Lock,
                 CommandPayload::Lock { message },

@@ -7,17 +7,13 @@ fn main() -> anyhow::Result<()> {
     let mut server_bin = None;
     let mut args = std::env::args().skip(1);
     if std::env::args().nth(1).as_deref() == Some("--baseline-server") {
-        let n: usize = std::env::args()
-            .nth(2)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("--baseline-server N DIR"))?;
         let dir = std::env::args()
-            .nth(3)
-            .ok_or_else(|| anyhow::anyhow!("--baseline-server N DIR"))?;
+            .nth(2)
+            .ok_or_else(|| anyhow::anyhow!("--baseline-server DIR"))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return runtime.block_on(mdm_tests::baseline::serve(n, std::path::Path::new(&dir)));
+        return runtime.block_on(mdm_tests::baseline::serve(std::path::Path::new(&dir)));
     }
     while let Some(arg) = args.next() {
         match arg.as_str() {
