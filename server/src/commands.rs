@@ -342,7 +342,7 @@ impl App {
     pub async fn expire_due_commands(&self) -> Result<usize> {
         let now = now_millis();
         let mut expired = Vec::new();
-        for action_id in self.storage.expired_action_ids(now)? {
+        for action_id in self.storage.expired_action_ids(now) {
             let updated = self.storage.update_action(&action_id, |action| {
                 if action.expires_at > now {
                     return false;
@@ -357,13 +357,9 @@ impl App {
             })?;
             if let Some((action, true)) = updated {
                 expired.push(action);
-            } else {
-                // Final already: only its expiry entry was left; put_action tidies it.
-                if let Some(action) = self.storage.get_action(&action_id)? {
-                    self.storage.put_action(&action)?;
-                }
             }
         }
+        self.storage.record_open_commands_since()?;
         if !expired.is_empty() {
             self.commit().await?;
         }
