@@ -172,30 +172,32 @@ impl App {
             now.saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX));
         action.payload = Some(payload);
         let online = self.live.is_online(device_id);
-        let (superseded, direct) = self.storage.with_actions_locked(|storage| {
-            let mut superseded = Vec::new();
-            let mut older_waits = false;
-            for mut older in storage.queued_actions(device_id)? {
-                if supersedes(action_type)
-                    && supersedes(older.action_type)
-                    && older.status == ActionStatus::Pending
-                    && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
-                {
-                    older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
-                    storage.put_action(&older)?;
-                    superseded.push(older);
-                } else if older.status == ActionStatus::Pending {
-                    older_waits = true;
-                }
-            }
-            // Commands go out in queue order: one behind an unsent command waits its turn.
-            let direct = online && !older_waits;
-            if direct {
-                action.advance(ActionStatus::Sent, SENT_DETAIL, now);
-            }
-            storage.put_action(&action)?;
-            Ok((superseded, direct))
-        })?;
+        let (superseded, direct) =
+            self.storage
+                .with_device_actions_locked(device_id, |storage| {
+                    let mut superseded = Vec::new();
+                    let mut older_waits = false;
+                    for mut older in storage.queued_actions(device_id)? {
+                        if supersedes(action_type)
+                            && supersedes(older.action_type)
+                            && older.status == ActionStatus::Pending
+                            && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
+                        {
+                            older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
+                            storage.put_action(&older)?;
+                            superseded.push(older);
+                        } else if older.status == ActionStatus::Pending {
+                            older_waits = true;
+                        }
+                    }
+                    // Commands go out in queue order: one behind an unsent command waits its turn.
+                    let direct = online && !older_waits;
+                    if direct {
+                        action.advance(ActionStatus::Sent, SENT_DETAIL, now);
+                    }
+                    storage.put_action(&action)?;
+                    Ok((superseded, direct))
+                })?;
         self.commit().await?;
         for older in superseded {
             self.publish(older);
