@@ -259,27 +259,24 @@ impl App {
         reports: Vec<AgentReport>,
     ) -> Result<()> {
         let now = now_millis();
-        let mut wrong_device = false;
         let mut steps = Vec::new();
-        let updated = self.storage.update_action(action_id, |action| {
-            if action.device_id != device_id {
-                wrong_device = true;
-                return false;
-            }
-            for report in &reports {
-                if apply_report(action, report, now) {
-                    steps.push(action.clone());
+        let updated = self
+            .storage
+            .update_device_action(device_id, action_id, |action| {
+                for report in &reports {
+                    if apply_report(action, report, now) {
+                        steps.push(action.clone());
+                    }
                 }
-            }
-            !steps.is_empty()
-        })?;
+                !steps.is_empty()
+            })?;
         match updated {
             None => tracing::warn!(
                 device_id,
                 action_id,
                 "report about an unknown command ignored"
             ),
-            Some(_) if wrong_device => {
+            Some((action, _)) if action.device_id != device_id => {
                 tracing::warn!(
                     device_id,
                     action_id,

@@ -915,11 +915,22 @@ impl Storage {
         let Some(device_id) = self.get_action(action_id)?.map(|a| a.device_id) else {
             return Ok(None);
         };
-        let _guard = self.lock_device_actions(&device_id);
+        self.update_device_action(&device_id, action_id, change)
+    }
+
+    /// [`update_action`](Self::update_action) for a caller that knows the
+    /// device: `change` runs only when the action is the device's.
+    pub fn update_device_action(
+        &self,
+        device_id: &str,
+        action_id: &str,
+        change: impl FnOnce(&mut Action) -> bool,
+    ) -> Result<Option<(Action, bool)>, StorageError> {
+        let _guard = self.lock_device_actions(device_id);
         let Some(mut action) = self.get_action(action_id)? else {
             return Ok(None);
         };
-        let changed = change(&mut action);
+        let changed = action.device_id == device_id && change(&mut action);
         if changed {
             self.put_changed_action(&action)?;
         }
