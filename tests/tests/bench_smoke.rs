@@ -17,6 +17,7 @@ async fn the_benchmark_runs_with_200_agents() {
     assert!(report.enroll_per_s > 0.0);
     assert!(report.lock.total_s > 0.0 && report.reset.total_s > 0.0);
     assert_eq!(report.actions_stored, 400);
-    assert!(report.baseline_fanout_s > 0.0);
+    assert!(report.baseline_fanout_s > 0.0 && report.baseline_push_only_s > 0.0);
+    assert!(report.lock.server_cpu_s > 0.0);
     eprintln!("{}", report.table());
 }
