@@ -235,15 +235,19 @@ impl App {
     /// Records that the command is about to go out on the device's stream.
     /// The caller commits before sending, so that a command still PENDING
     /// after a crash was never delivered (and may be superseded safely).
-    pub fn mark_sent(&self, action_id: &str) -> Result<Delivery> {
+    pub fn mark_sent(&self, device_id: &str, action_id: &str) -> Result<Delivery> {
         let now = now_millis();
-        let updated = self.storage.update_action(action_id, |action| {
-            action.status == ActionStatus::Pending
-                && action.advance(ActionStatus::Sent, SENT_DETAIL, now)
-        })?;
+        let updated = self
+            .storage
+            .update_device_action(device_id, action_id, |action| {
+                action.status == ActionStatus::Pending
+                    && action.advance(ActionStatus::Sent, SENT_DETAIL, now)
+            })?;
         Ok(match updated {
             Some((action, true)) => Delivery::First(Box::new(action)),
-            Some((action, false)) if action.is_queued() => Delivery::Again,
+            Some((action, false)) if action.is_queued() && action.device_id == device_id => {
+                Delivery::Again
+            }
             // Canceled or superseded since the queue was read.
             _ => Delivery::Withdrawn,
         })

@@ -239,7 +239,7 @@ impl Session {
             let Some(command) = self.command(&action) else {
                 continue;
             };
-            let sent = match self.app.mark_sent(&action.action_id) {
+            let sent = match self.app.mark_sent(&self.device_id, &action.action_id) {
                 Ok(Delivery::First(action)) => Some(*action),
                 Ok(Delivery::Again) => None,
                 Ok(Delivery::Withdrawn) => continue,
