@@ -557,7 +557,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let _ = server.kill().await;
     drop(identities);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    eprintln!("bench: baseline echo fan-out to {n} streams");
+    eprintln!("bench: baseline fan-outs to {n} streams (the same admin calls, then push-only)");
     let baseline =
         crate::baseline::fan_outs_in_child(n, options.concurrency, &options.bench_exe).await?;
     report.baseline_fanout_s = baseline.same_fanout_s;
