@@ -112,3 +112,35 @@ impl LiveStreams {
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_signal_for_a_full_stream_is_delivered_once_there_is_room() {
+        let live = LiveStreams::default();
+        let mut stream = live.register("dv_1");
+        let policy = || StreamSignal::PolicyChanged;
+        while live.signal("dv_1", policy()) {}
+        assert!(
+            live.deliver("dv_1", StreamSignal::Replaced),
+            "taken although full"
+        );
+        let mut received = Vec::new();
+        while received.last() != Some(&StreamSignal::Replaced) {
+            let signal =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.signals.recv())
+                    .await
+                    .expect("the held signal arrives")
+                    .expect("stream open");
+            received.push(signal);
+        }
+        assert!(
+            received[..received.len() - 1]
+                .iter()
+                .all(|s| *s == policy())
+        );
+        assert!(!live.deliver("dv_2", policy()), "no stream, nothing taken");
+    }
+}

@@ -179,6 +179,52 @@ async fn a_command_queued_while_offline_is_delivered_on_connect_and_watchers_see
 }
 
 #[tokio::test]
+async fn a_command_for_a_live_device_is_recorded_sent_when_queued_and_applied_once() {
+    let server = TestServer::start().await;
+    let (_, agent) = enrolled_agent(&server, "liv@example.com").await;
+    let device_id = agent.device_id();
+    let mut admin = admin(&server).await;
+    let _child = agent.run();
+    eventually("the agent is online again", || {
+        let (server, device_id) = (&server, device_id.clone());
+        async move {
+            let device = server.get_device(&device_id).await.device.unwrap();
+            device.online.then_some(())
+        }
+    })
+    .await;
+
+    // Durable as SENT in the write that queued it, before it goes out.
+    let first = admin.lock(&device_id, None).await;
+    assert_eq!(first.status(), pb::ActionStatus::Sent);
+    assert_eq!(
+        statuses(&first),
+        vec![pb::ActionStatus::Pending, pb::ActionStatus::Sent]
+    );
+    let second = admin.lock(&device_id, None).await;
+    for action in [&first, &second] {
+        let done = admin
+            .wait_status(&action.action_id, pb::ActionStatus::Succeeded)
+            .await;
+        assert_eq!(
+            statuses(&done),
+            vec![
+                pb::ActionStatus::Pending,
+                pb::ActionStatus::Sent,
+                pb::ActionStatus::Acknowledged,
+                pb::ActionStatus::InProgress,
+                pb::ActionStatus::Succeeded
+            ]
+        );
+    }
+    // In the order they were queued, each once.
+    assert_eq!(
+        agent.applied(),
+        vec![first.action_id.clone(), second.action_id.clone()]
+    );
+}
+
+#[tokio::test]
 async fn an_accepted_command_survives_a_server_sigkill_and_completes_after_restart() {
     let temp = tempfile::tempdir().unwrap();
     let data_dir = temp.path().join("data");
