@@ -39,16 +39,20 @@ impl Echo {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn command(&self, kind: pb::ActionType) -> pb::ConnectResponse {
+    fn command(&self, kind: pb::ActionType) -> pb::Command {
         let id = self.next_command.fetch_add(1, Ordering::Relaxed);
-        pb::ConnectResponse {
-            message: Some(Down::Command(pb::Command {
-                command_id: id.to_string(),
-                r#type: kind.into(),
-                ..Default::default()
-            })),
+        pb::Command {
+            command_id: id.to_string(),
+            r#type: kind.into(),
+            ..Default::default()
         }
     }
+}
+
+fn outbound(command: pb::Command) -> Result<pb::ConnectResponse, Status> {
+    Ok(pb::ConnectResponse {
+        message: Some(Down::Command(command)),
+    })
 }
 
 #[derive(Clone, Default)]
@@ -106,18 +110,15 @@ impl pb::device_service_server::DeviceService for EchoService {
             .cloned()
             .ok_or_else(|| Status::not_found("no such stream"))?;
         let command = self.0.command(pb::ActionType::Lock);
-        let Some(Down::Command(sent)) = &command.message else {
-            unreachable!("command() makes a command")
-        };
         let action = pb::Action {
-            action_id: sent.command_id.clone(),
+            action_id: command.command_id.clone(),
             device_id,
             r#type: pb::ActionType::Lock.into(),
             status: pb::ActionStatus::Sent.into(),
             ..Default::default()
         };
         stream
-            .send(Ok(command))
+            .send(outbound(command))
             .await
             .map_err(|_| Status::unavailable("stream closed"))?;
         Ok(Response::new(pb::LockDeviceResponse {
@@ -230,7 +231,9 @@ pub async fn serve(pki_dir: &std::path::Path) -> anyhow::Result<()> {
                 let started = Instant::now();
                 let streams: Vec<StreamTx> = state.streams().values().cloned().collect();
                 for stream in streams {
-                    let _ = stream.send(Ok(state.command(pb::ActionType::Lock))).await;
+                    let _ = stream
+                        .send(outbound(state.command(pb::ActionType::Lock)))
+                        .await;
                 }
                 wait(&state, target).await?;
                 println!("pushed {}", started.elapsed().as_secs_f64());

@@ -488,28 +488,19 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
                 let mut log = log.clone();
                 let site_id = site_id.clone();
                 async move {
-                    let mut count = 0;
-                    let mut token = String::new();
-                    loop {
-                        let page = log
-                            .list_actions(pb::ListActionsRequest {
-                                site_id: site_id.clone(),
-                                r#type: wanted.into(),
-                                status: pb::ActionStatus::Succeeded.into(),
-                                page_size: 1000,
-                                page_token: token,
-                                ..Default::default()
-                            })
-                            .await
-                            .ok()?
-                            .into_inner();
-                        count += page.actions.len();
-                        if page.next_page_token.is_empty() {
-                            break;
-                        }
-                        token = page.next_page_token;
-                    }
-                    (count >= n).then_some(())
+                    let succeeded = crate::all_actions(
+                        &mut log,
+                        pb::ListActionsRequest {
+                            site_id,
+                            r#type: wanted.into(),
+                            status: pb::ActionStatus::Succeeded.into(),
+                            page_size: 1000,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .ok()?;
+                    (succeeded.len() >= n).then_some(())
                 }
             },
         )

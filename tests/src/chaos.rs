@@ -546,26 +546,16 @@ async fn action_log(
     client: &mut pb::action_log_service_client::ActionLogServiceClient<tonic::transport::Channel>,
     site_id: &str,
 ) -> anyhow::Result<HashMap<String, pb::Action>> {
-    let mut actions = HashMap::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .list_actions(pb::ListActionsRequest {
-                site_id: site_id.into(),
-                page_size: 1000,
-                page_token,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        for action in page.actions {
-            actions.insert(action.action_id.clone(), action);
-        }
-        page_token = page.next_page_token;
-        if page_token.is_empty() {
-            return Ok(actions);
-        }
-    }
+    let request = pb::ListActionsRequest {
+        site_id: site_id.into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    Ok(crate::all_actions(client, request)
+        .await?
+        .into_iter()
+        .map(|action| (action.action_id.clone(), action))
+        .collect())
 }
 
 fn is_final(action: &pb::Action) -> bool {

@@ -719,6 +719,23 @@ where
     eventually_within(Duration::from_secs(10), what, &mut check).await
 }
 
+/// Every action `request` selects, following its pages from the first.
+pub async fn all_actions(
+    client: &mut pb::action_log_service_client::ActionLogServiceClient<Channel>,
+    mut request: pb::ListActionsRequest,
+) -> Result<Vec<pb::Action>, tonic::Status> {
+    let mut actions = Vec::new();
+    request.page_token.clear();
+    loop {
+        let page = client.list_actions(request.clone()).await?.into_inner();
+        actions.extend(page.actions);
+        if page.next_page_token.is_empty() {
+            return Ok(actions);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
 pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, check: &mut F) -> T
 where
     F: FnMut() -> Fut,

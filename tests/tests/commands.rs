@@ -83,6 +83,15 @@ impl Admin {
     }
 }
 
+/// Every status of a command that went out and succeeded, in order.
+const DELIVERED_AND_SUCCEEDED: [pb::ActionStatus; 5] = [
+    pb::ActionStatus::Pending,
+    pb::ActionStatus::Sent,
+    pb::ActionStatus::Acknowledged,
+    pb::ActionStatus::InProgress,
+    pb::ActionStatus::Succeeded,
+];
+
 fn statuses(action: &pb::Action) -> Vec<pb::ActionStatus> {
     let mut out: Vec<pb::ActionStatus> = action.timeline.iter().map(|e| e.status()).collect();
     out.dedup();
@@ -148,16 +157,7 @@ async fn a_command_queued_while_offline_is_delivered_on_connect_and_watchers_see
     let done = admin
         .wait_status(&queued.action_id, pb::ActionStatus::Succeeded)
         .await;
-    assert_eq!(
-        statuses(&done),
-        vec![
-            pb::ActionStatus::Pending,
-            pb::ActionStatus::Sent,
-            pb::ActionStatus::Acknowledged,
-            pb::ActionStatus::InProgress,
-            pb::ActionStatus::Succeeded
-        ]
-    );
+    assert_eq!(statuses(&done), DELIVERED_AND_SUCCEEDED);
     assert!(done.timeline.iter().any(|e| e.detail == "device locked"));
     assert_eq!(agent.applied(), vec![queued.action_id.clone()]);
     assert_eq!(agent.simulated()["lock_message"], "Call IT");
@@ -206,16 +206,7 @@ async fn a_command_for_a_live_device_is_recorded_sent_when_queued_and_applied_on
         let done = admin
             .wait_status(&action.action_id, pb::ActionStatus::Succeeded)
             .await;
-        assert_eq!(
-            statuses(&done),
-            vec![
-                pb::ActionStatus::Pending,
-                pb::ActionStatus::Sent,
-                pb::ActionStatus::Acknowledged,
-                pb::ActionStatus::InProgress,
-                pb::ActionStatus::Succeeded
-            ]
-        );
+        assert_eq!(statuses(&done), DELIVERED_AND_SUCCEEDED);
     }
     // In the order they were queued, each once.
     assert_eq!(
