@@ -287,17 +287,7 @@ impl App {
                     "report about another device's command ignored"
                 );
             }
-            Some((action, true)) => {
-                if action.status == ActionStatus::Succeeded
-                    && matches!(
-                        action.action_type,
-                        ActionType::Lock | ActionType::ResetPasscode
-                    )
-                {
-                    self.storage.update_device(device_id, |device| {
-                        !std::mem::replace(&mut device.security.locked, true)
-                    })?;
-                }
+            Some((_, true)) => {
                 // Not flushed per report (sled flushes within 500 ms): if a
                 // crash loses a report, the command is still queued, is sent
                 // again on reconnect, and the agent's journal replays the

@@ -91,6 +91,10 @@ pub struct LatestReset {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSecurity {
     pub compliance: Option<Compliance>,
+    /// Set by versions up to schema 2's first release; the action log now
+    /// answers whether a device was locked. Kept so records stay readable
+    /// both ways.
+    #[serde(default)]
     pub locked: bool,
     pub latest_reset: Option<LatestReset>,
 }

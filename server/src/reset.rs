@@ -13,9 +13,9 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
-    Action, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus, LatestReset,
-    Millis, Notification, PASSCODE_LENGTH_RANGE, PasscodeComplexity, PasscodePolicy, now_millis,
-    time_ordered_id,
+    Action, ActionStatus, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus,
+    LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PasscodeComplexity, PasscodePolicy,
+    now_millis, time_ordered_id,
 };
 
 const DIGITS: &[u8] = b"0123456789";
@@ -220,6 +220,19 @@ impl App {
         Ok(())
     }
 
+    /// Whether the device reported a lock (or a reset, which locks) done.
+    /// Read from the action log, its one source: storing a flag on the device
+    /// record cost every first lock a second write (BENCHMARKS.md).
+    fn device_was_locked(&self, device_id: &str) -> Result<bool> {
+        Ok(self.storage.device_has_action(device_id, |action| {
+            action.status == ActionStatus::Succeeded
+                && matches!(
+                    action.action_type,
+                    ActionType::Lock | ActionType::ResetPasscode
+                )
+        })?)
+    }
+
     /// The device's security section as `viewer` may see it. Revealing the
     /// latest reset passcode is recorded in the device's audit trail.
     pub fn security_view(&self, device: &Device, viewer: &str) -> Result<SecurityView> {
@@ -227,7 +240,7 @@ impl App {
         let mut view = SecurityView {
             compliant: security.compliance.as_ref().is_some_and(|c| c.meets_policy),
             compliance: security.compliance.clone(),
-            locked: security.locked,
+            locked: security.locked || self.device_was_locked(&device.device_id)?,
             latest_reset_passcode: None,
             reset_at: security.latest_reset.as_ref().map(|r| r.reset_at),
             reset_by: security

@@ -1005,6 +1005,27 @@ impl Storage {
         })
     }
 
+    /// Whether any action of the device passes `wanted`, newest first, so a
+    /// recent match answers after a few reads.
+    pub fn device_has_action(
+        &self,
+        device_id: &str,
+        wanted: impl Fn(&Action) -> bool,
+    ) -> Result<bool, StorageError> {
+        let prefix = prefix(device_id);
+        for entry in self.device_actions.scan_prefix(&prefix).keys().rev() {
+            let key = entry?;
+            let action_id = String::from_utf8_lossy(&key[prefix.len()..]);
+            if self
+                .get_action(&action_id)?
+                .is_some_and(|action| action.device_id == device_id && wanted(&action))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     // ---- audit trail ----
 
     pub fn append_audit(&self, device_id: &str, entry: &AuditEntry) -> Result<(), StorageError> {

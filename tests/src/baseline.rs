@@ -357,6 +357,7 @@ pub async fn fan_outs_in_child(
     let devices: Vec<String> = (0..n).map(crate::bench::serial).collect();
 
     let child_pid = child.id().unwrap_or(0);
+    eprintln!("bench: baseline lock fan-out to {n} streams");
     let started = Instant::now();
     let cpu_before = crate::bench::cpu_seconds(child_pid);
     let issued = crate::bench::issue_commands(&admins, &devices, "lock").await?;

@@ -152,6 +152,12 @@ async fn a_command_queued_while_offline_is_delivered_on_connect_and_watchers_see
     let week = queued.expires_at.unwrap().seconds - queued.created_at.unwrap().seconds;
     assert!((week - 7 * 86_400).abs() <= 1, "default TTL is 7 days");
     assert!(agent.applied().is_empty());
+    let locked =
+        |response: pb::GetDeviceResponse| response.device.unwrap().security.unwrap().locked;
+    assert!(
+        !locked(server.get_device(&device_id).await),
+        "a queued lock does not make the device locked"
+    );
 
     let _child = agent.run();
     let done = admin
@@ -159,6 +165,7 @@ async fn a_command_queued_while_offline_is_delivered_on_connect_and_watchers_see
         .await;
     assert_eq!(statuses(&done), DELIVERED_AND_SUCCEEDED);
     assert!(done.timeline.iter().any(|e| e.detail == "device locked"));
+    assert!(locked(server.get_device(&device_id).await));
     assert_eq!(agent.applied(), vec![queued.action_id.clone()]);
     assert_eq!(agent.simulated()["lock_message"], "Call IT");
 
