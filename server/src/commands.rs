@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionEvent, ActionStatus, ActionType, CommandPayload, Device, DeviceStatus,
-    FailureCode, Millis, now_millis, time_ordered_id,
+    FailureCode, Millis, now_millis,
 };
 
 pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -96,7 +96,7 @@ impl App {
         ttl: Option<Duration>,
     ) -> Result<Action> {
         self.queue_command_as(
-            time_ordered_id(),
+            crate::storage::new_action_id(&device.site_id),
             device,
             admin_email,
             action_type,

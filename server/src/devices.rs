@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionEvent, ActionStatus, ActionType, Device, DeviceFacts, DeviceStatus,
-    IssuedDeviceCert, Millis, now_millis, short_id, time_ordered_id,
+    IssuedDeviceCert, Millis, now_millis, short_id,
 };
 use crate::pki::{CsrError, DeviceCsr, parse_device_csr};
 use crate::storage::Page;
@@ -265,7 +265,7 @@ impl App {
             .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))?;
         let now = now_millis();
         let mut action = Action::pending(
-            time_ordered_id(),
+            crate::storage::new_action_id(&device.site_id),
             &device,
             ActionType::Unenroll,
             admin_email,

@@ -15,7 +15,7 @@ use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionStatus, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus,
     LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PasscodeComplexity, PasscodePolicy,
-    now_millis, time_ordered_id,
+    now_millis,
 };
 
 const DIGITS: &[u8] = b"0123456789";
@@ -148,7 +148,7 @@ impl App {
         }
         let site = self.site(&device.site_id)?;
         let passcode = generate_device_passcode(&site.passcode_policy);
-        let action_id = time_ordered_id();
+        let action_id = crate::storage::new_action_id(&device.site_id);
         let now = now_millis();
         let mut recipients = vec![admin_email.to_owned()];
         if notify_user && device.user_email != admin_email {

@@ -29,10 +29,11 @@ use crate::model::{
 /// Bumped whenever the layout of keys or values changes incompatibly.
 /// 2: commands not final yet are found from the action records; the
 /// `device_queue` and `action_expiry` trees of version 1 are emptied.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// The oldest command that was not final at the last expiry sweep.
 const OPEN_SINCE_KEY: &[u8] = b"open_commands_since";
+const OPEN_SINCE: &str = "open_commands_since";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -114,6 +115,53 @@ fn first_id_at(at: Millis) -> String {
         .to_string()
 }
 
+/// Four bytes of a site id's SHA-256: the first bytes of the keys of the
+/// site's action records, and the last bytes of the ids made for them.
+fn site_tag(site_id: &str) -> [u8; 4] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(site_id.as_bytes());
+    [digest[0], digest[1], digest[2], digest[3]]
+}
+
+fn with_site_tag(id: uuid::Uuid, site_id: &str) -> String {
+    let mut bytes = id.into_bytes();
+    bytes[12..].copy_from_slice(&site_tag(site_id));
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
+
+/// A new action id for a record of `site_id`: a UUID v7 (time-ordered,
+/// unique within the process by uuid's counter) that ends with the site's
+/// tag, so the id alone locates the record.
+pub fn new_action_id(site_id: &str) -> String {
+    with_site_tag(uuid::Uuid::now_v7(), site_id)
+}
+
+/// Key of the record of `action_id` of `site_id`.
+fn action_key(site_id: &str, action_id: &str) -> Result<[u8; 20], StorageError> {
+    let id = uuid::Uuid::try_parse(action_id)
+        .map_err(|_| StorageError::Corrupt(format!("action id {action_id:?} is not a UUID")))?;
+    let mut key = [0; 20];
+    key[..4].copy_from_slice(&site_tag(site_id));
+    key[4..].copy_from_slice(id.as_bytes());
+    Ok(key)
+}
+
+/// Where a record made since schema 3 is, read from its id alone.
+fn key_from_id(action_id: &str) -> Option<[u8; 20]> {
+    let id = uuid::Uuid::try_parse(action_id).ok()?;
+    let mut key = [0; 20];
+    key[..4].copy_from_slice(&id.as_bytes()[12..]);
+    key[4..].copy_from_slice(id.as_bytes());
+    Some(key)
+}
+
+fn tag_of_key(key: &[u8]) -> Result<u32, StorageError> {
+    key.get(..4)
+        .and_then(|tag| <[u8; 4]>::try_from(tag).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| StorageError::Corrupt("an action key is too short".into()))
+}
+
 /// How far back an open command can have been created: its longest life,
 /// and a day for clock adjustments.
 fn open_command_horizon() -> Millis {
@@ -180,10 +228,16 @@ pub struct Storage {
     site_devices: sled::Tree,
     /// site_id \0 serial number -> device_id of the active record
     device_serials: sled::Tree,
-    /// action_id (time-ordered) -> Action
+    /// site tag (4 bytes) ++ action id (16 bytes, time-ordered) -> Action:
+    /// a site's records sit together, newest last, so listing them needs no
+    /// index. New ids end with their site's tag, so an id alone is its key.
     actions: sled::Tree,
-    /// site_id \0 action_id -> ()
-    site_actions: sled::Tree,
+    /// action id -> key in `actions`, for the ids made before schema 3.
+    legacy_action_keys: sled::Tree,
+    /// Schema 2's records (action_id -> Action) and their site index;
+    /// moved to `actions` and emptied when opened.
+    legacy_actions: sled::Tree,
+    legacy_site_actions: sled::Tree,
     /// device_id \0 action_id -> ()
     device_actions: sled::Tree,
     /// Schema 1's indexes of commands not yet final; emptied when opened.
@@ -318,22 +372,37 @@ impl Storage {
             .as_deref()
             .and_then(|v| <[u8; 4]>::try_from(v).ok())
             .map(u32::from_be_bytes);
-        if version != Some(SCHEMA_VERSION) && version != Some(1) {
+        if !matches!(version, Some(1..=SCHEMA_VERSION)) {
             return Err(StorageError::SchemaMismatch {
                 path: path.display().to_string(),
                 found: version.map_or_else(|| "none".to_owned(), |v| v.to_string()),
                 expected: SCHEMA_VERSION,
             });
         }
+        let upgrading = version != Some(SCHEMA_VERSION);
+        if upgrading {
+            storage.move_actions_to_site_keys()?;
+            storage.flush()?;
+        }
         storage.load_open_commands()?;
-        if version == Some(1) {
-            storage.legacy_queue.clear()?;
-            storage.legacy_expiry.clear()?;
+        if upgrading {
             storage
                 .meta
                 .insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes().as_slice())?;
             storage.flush()?;
             tracing::info!("database upgraded to schema version {SCHEMA_VERSION}");
+        }
+        // Emptied only once the upgrade is recorded; after a crash in between,
+        // the next start finishes it.
+        for legacy in [
+            &storage.legacy_queue,
+            &storage.legacy_expiry,
+            &storage.legacy_actions,
+            &storage.legacy_site_actions,
+        ] {
+            if !legacy.is_empty() {
+                legacy.clear()?;
+            }
         }
         storage.finish_pending_lockouts()?;
         storage.load_webhook_sites()?;
@@ -354,11 +423,27 @@ impl Storage {
             recorded_since: recorded,
             ..OpenCommands::default()
         };
-        for entry in self.actions.range(since.as_bytes()..) {
-            let (_, value) = entry?;
-            let action: Action = decode(&value)?;
-            if action.is_queued() {
-                open.track(&action);
+        let since = uuid::Uuid::try_parse(&since)
+            .map_err(|_| StorageError::Corrupt(format!("{OPEN_SINCE:?} is not an action id")))?;
+        // Each site's records since then: jump from one site tag to the next.
+        let mut next_tag = Some(0u32);
+        while let Some(from) = next_tag {
+            let Some(first) = self.actions.range(from.to_be_bytes()..).keys().next() else {
+                break;
+            };
+            let tag = tag_of_key(&first?)?;
+            next_tag = tag.checked_add(1);
+            let low = [tag.to_be_bytes().as_slice(), since.as_bytes()].concat();
+            let records = match next_tag {
+                Some(next) => self.actions.range(low..next.to_be_bytes().to_vec()),
+                None => self.actions.range(low..),
+            };
+            for entry in records {
+                let (_, value) = entry?;
+                let action: Action = decode(&value)?;
+                if action.is_queued() {
+                    open.track(&action);
+                }
             }
         }
         for key in self.legacy_queue.iter().keys() {
@@ -460,8 +545,10 @@ impl Storage {
             devices: db.open_tree("devices")?,
             site_devices: db.open_tree("site_devices")?,
             device_serials: db.open_tree("device_serials")?,
-            actions: db.open_tree("actions")?,
-            site_actions: db.open_tree("site_actions")?,
+            actions: db.open_tree("site_action_records")?,
+            legacy_action_keys: db.open_tree("legacy_action_keys")?,
+            legacy_actions: db.open_tree("actions")?,
+            legacy_site_actions: db.open_tree("site_actions")?,
             device_actions: db.open_tree("device_actions")?,
             legacy_queue: db.open_tree("device_queue")?,
             legacy_expiry: db.open_tree("action_expiry")?,
@@ -883,8 +970,6 @@ impl Storage {
     /// are written before the record, so a crash leaves at most an entry
     /// readers skip.
     pub fn put_action(&self, action: &Action) -> Result<(), StorageError> {
-        self.site_actions
-            .insert(key2(&action.site_id, &action.action_id), &[])?;
         self.device_actions
             .insert(key2(&action.device_id, &action.action_id), &[])?;
         self.put_changed_action(action)
@@ -893,8 +978,10 @@ impl Storage {
     /// [`put_action`](Self::put_action) for an action already stored: its
     /// index entries exist (ids never change).
     fn put_changed_action(&self, action: &Action) -> Result<(), StorageError> {
-        self.actions
-            .insert(action.action_id.as_bytes(), encode(action))?;
+        self.actions.insert(
+            action_key(&action.site_id, &action.action_id)?,
+            encode(action),
+        )?;
         self.open_commands().track(action);
         Ok(())
     }
@@ -977,10 +1064,40 @@ impl Storage {
     }
 
     pub fn get_action(&self, action_id: &str) -> Result<Option<Action>, StorageError> {
-        self.actions
-            .get(action_id.as_bytes())?
-            .map(|v| decode(&v))
-            .transpose()
+        let Some(key) = key_from_id(action_id) else {
+            return Ok(None);
+        };
+        let value = match self.actions.get(key)? {
+            Some(value) => Some(value),
+            None => match self.legacy_action_keys.get(action_id.as_bytes())? {
+                Some(key) => self.actions.get(key)?,
+                None => None,
+            },
+        };
+        // uuid also parses other spellings of an id; only the exact one is it.
+        Ok(value
+            .map(|v| decode::<Action>(&v))
+            .transpose()?
+            .filter(|action| action.action_id == action_id))
+    }
+
+    /// Schema 3 keys action records by site. Records made before keep their
+    /// ids, so each also gets an entry in `legacy_action_keys` (written
+    /// first: a crash leaves at most an entry the next start rewrites).
+    fn move_actions_to_site_keys(&self) -> Result<(), StorageError> {
+        let mut moved = 0usize;
+        for entry in self.legacy_actions.iter() {
+            let (action_id, value) = entry?;
+            let action: Action = decode(&value)?;
+            let key = action_key(&action.site_id, &action.action_id)?;
+            self.legacy_action_keys.insert(&action_id, &key)?;
+            self.actions.insert(key, value)?;
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::info!(moved, "action records keyed by site");
+        }
+        Ok(())
     }
 
     /// Actions of a site, or of one device when `device_id` is given,
@@ -993,16 +1110,34 @@ impl Storage {
         limit: usize,
         keep: impl Fn(&Action) -> bool,
     ) -> Result<Page<Action>, StorageError> {
-        let (tree, prefix) = match device_id {
-            Some(device_id) => (&self.device_actions, prefix(device_id)),
-            None => (&self.site_actions, prefix(site_id)),
+        let Some(device_id) = device_id else {
+            // Another site may share the tag; its records are skipped.
+            return page(
+                &self.actions,
+                &site_tag(site_id),
+                page_token,
+                limit,
+                true,
+                |_, value| {
+                    let action: Action = decode(value)?;
+                    Ok((action.site_id == site_id && keep(&action)).then_some(action))
+                },
+            );
         };
-        page(tree, &prefix, page_token, limit, true, |key, _| {
-            let action_id = String::from_utf8_lossy(&key[prefix.len()..]);
-            Ok(self
-                .get_action(&action_id)?
-                .filter(|a| a.site_id == site_id && keep(a)))
-        })
+        let prefix = prefix(device_id);
+        page(
+            &self.device_actions,
+            &prefix,
+            page_token,
+            limit,
+            true,
+            |key, _| {
+                let action_id = String::from_utf8_lossy(&key[prefix.len()..]);
+                Ok(self
+                    .get_action(&action_id)?
+                    .filter(|a| a.site_id == site_id && keep(a)))
+            },
+        )
     }
 
     /// Whether any action of the device passes `wanted`, newest first, so a
@@ -1221,12 +1356,63 @@ mod tests {
         assert!(message.contains("refusing to start"), "{message}");
     }
 
-    /// A lock command for `device_id`, created at `created_at`, open for a day.
+    /// An id as made for `site_id`, at `at`.
+    fn action_id_at(site_id: &str, at: Millis) -> String {
+        let id = uuid::Builder::from_unix_timestamp_millis(
+            u64::try_from(at).expect("after 1970"),
+            &crate::crypto::os_random(),
+        )
+        .into_uuid();
+        with_site_tag(id, site_id)
+    }
+
+    /// An id as schema 2 made them: no site tag.
+    fn schema_2_id_at(at: Millis) -> String {
+        uuid::Builder::from_unix_timestamp_millis(
+            u64::try_from(at).expect("after 1970"),
+            &crate::crypto::os_random(),
+        )
+        .into_uuid()
+        .to_string()
+    }
+
+    /// Stores `action` as schema 2 did.
+    fn put_schema_2_action(storage: &Storage, action: &Action) {
+        storage
+            .legacy_site_actions
+            .insert(key2(&action.site_id, &action.action_id), &[])
+            .expect("site index");
+        storage
+            .device_actions
+            .insert(key2(&action.device_id, &action.action_id), &[])
+            .expect("device index");
+        storage
+            .legacy_actions
+            .insert(action.action_id.as_bytes(), encode(action))
+            .expect("record");
+    }
+
+    /// A lock command for `device_id` of site `st_1`, created at
+    /// `created_at`, open for a day.
     fn open_command(device_id: &str, created_at: Millis) -> Action {
+        open_command_of(
+            "st_1",
+            device_id,
+            action_id_at("st_1", created_at),
+            created_at,
+        )
+    }
+
+    fn open_command_of(
+        site_id: &str,
+        device_id: &str,
+        action_id: String,
+        created_at: Millis,
+    ) -> Action {
         use crate::model::{ActionStatus, ActionType, CommandPayload};
         let expires_at = created_at + 86_400_000;
         let device: Device = serde_json::from_value(serde_json::json!({
-            "device_id": device_id, "site_id": "st_1", "user_email": "a@example.com",
+            "device_id": device_id, "site_id": site_id, "user_email": "a@example.com",
             "facts": {"platform": "Linux", "os_version": "", "model": "", "serial_number": "S1",
                       "hostname": "", "agent_version": "", "capabilities": []},
             "status": "Active", "enrolled_at": 0, "last_seen": null, "certificates": [],
@@ -1234,7 +1420,7 @@ mod tests {
         }))
         .expect("device");
         let mut action = Action::pending(
-            first_id_at(created_at),
+            action_id,
             &device,
             ActionType::Lock,
             "admin@example.com",
@@ -1323,8 +1509,8 @@ mod tests {
         let path = temp.path().join("db");
         let storage = Storage::create(&path).expect("create");
         let long_ago = now_millis() - open_command_horizon() - 86_400_000;
-        let queued = open_command("dv_3", long_ago);
-        storage.put_action(&queued).expect("put");
+        let queued = open_command_of("st_1", "dv_3", schema_2_id_at(long_ago), long_ago);
+        put_schema_2_action(&storage, &queued);
         // Schema 1 kept its own queue and expiry indexes.
         storage
             .legacy_queue
@@ -1346,6 +1532,7 @@ mod tests {
             vec![queued.action_id]
         );
         assert!(storage.legacy_queue.is_empty() && storage.legacy_expiry.is_empty());
+        assert!(storage.legacy_actions.is_empty() && storage.legacy_site_actions.is_empty());
         drop(storage);
         let storage = Storage::open(&path).expect("reopen");
         let version = storage
@@ -1354,6 +1541,99 @@ mod tests {
             .expect("read")
             .expect("version");
         assert_eq!(version.as_ref(), SCHEMA_VERSION.to_be_bytes().as_slice());
+    }
+
+    #[test]
+    fn a_schema_2_action_log_is_keyed_by_site_and_every_old_id_still_finds_its_record() {
+        use crate::model::ActionStatus;
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let now = now_millis();
+        let storage = Storage::create(&path).expect("create");
+        let old: Vec<Action> = (0..3)
+            .map(|i| {
+                open_command_of(
+                    "st_a",
+                    "dv_a",
+                    schema_2_id_at(now - 3000 + i),
+                    now - 3000 + i,
+                )
+            })
+            .collect();
+        let other_site = open_command_of("st_b", "dv_b", schema_2_id_at(now - 2000), now - 2000);
+        for action in old.iter().chain([&other_site]) {
+            put_schema_2_action(&storage, action);
+        }
+        storage.set_schema_version_for_test(2).expect("version");
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("upgraded");
+        assert!(storage.legacy_actions.is_empty() && storage.legacy_site_actions.is_empty());
+        for action in old.iter().chain([&other_site]) {
+            assert_eq!(
+                storage.get_action(&action.action_id).expect("get").as_ref(),
+                Some(action)
+            );
+        }
+        // Other spellings of an id are not that id.
+        let upper = old[0].action_id.to_uppercase();
+        assert_eq!(storage.get_action(&upper).expect("get"), None);
+        assert_eq!(storage.get_action("not-an-id").expect("get"), None);
+        // Still open, and changed where they are.
+        assert_eq!(ids(storage.queued_actions("dv_a").expect("queue")).len(), 3);
+        storage
+            .update_action(&old[0].action_id, |a| {
+                a.advance(ActionStatus::Succeeded, "locked", now)
+            })
+            .expect("update");
+        let newer = open_command_of("st_a", "dv_a", new_action_id("st_a"), now);
+        storage.put_action(&newer).expect("put");
+
+        // One site's log, newest first, across the upgrade, in pages.
+        let everything = |_: &Action| true;
+        let first = storage
+            .list_actions("st_a", None, "", 2, everything)
+            .expect("list");
+        let rest = storage
+            .list_actions("st_a", None, &first.next_page_token, 10, everything)
+            .expect("list");
+        assert!(rest.next_page_token.is_empty());
+        let listed: Vec<String> = ids(first.items.into_iter().chain(rest.items).collect());
+        let expected: Vec<String> = [&newer, &old[2], &old[1], &old[0]]
+            .iter()
+            .map(|a| a.action_id.clone())
+            .collect();
+        assert_eq!(listed, expected);
+        let by_device = storage
+            .list_actions("st_a", Some("dv_a"), "", 10, everything)
+            .expect("list");
+        assert_eq!(ids(by_device.items), expected);
+        let succeeded = storage
+            .list_actions("st_a", None, "", 10, |a| {
+                a.status == ActionStatus::Succeeded
+            })
+            .expect("list");
+        assert_eq!(ids(succeeded.items), vec![old[0].action_id.clone()]);
+        assert_eq!(
+            ids(storage
+                .list_actions("st_b", None, "", 10, everything)
+                .expect("list")
+                .items),
+            vec![other_site.action_id.clone()]
+        );
+        drop(storage);
+
+        // The upgrade is done once; a restart finds the same.
+        let storage = Storage::open(&path).expect("reopen");
+        assert_eq!(ids(storage.queued_actions("dv_a").expect("queue")).len(), 3);
+        assert_eq!(
+            storage
+                .get_action(&old[0].action_id)
+                .expect("get")
+                .map(|a| a.status),
+            Some(ActionStatus::Succeeded)
+        );
     }
 
     #[test]
