@@ -67,6 +67,31 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
     serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt(e.to_string()))
 }
 
+/// First byte of an action record in postcard, layout 1. Action records
+/// are written twice per command and carry its timeline: postcard makes
+/// them about a third the size of JSON, and sled's cost grows with the
+/// bytes it copies and logs. postcard is not self-describing, so a change
+/// to `Action` (or what it holds) needs a new layout byte, reading the old
+/// one into the new type; `an_action_record_in_layout_1_still_decodes`
+/// fails first. Records older than the byte are JSON (they start with `{`).
+const ACTION_LAYOUT_1: u8 = 1;
+
+fn encode_action(action: &Action) -> Vec<u8> {
+    postcard::to_extend(action, vec![ACTION_LAYOUT_1]).expect("domain records always serialize")
+}
+
+fn decode_action(bytes: &[u8]) -> Result<Action, StorageError> {
+    match bytes.split_first() {
+        Some((&ACTION_LAYOUT_1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| StorageError::Corrupt(e.to_string()))
+        }
+        Some((b'{', _)) => decode(bytes),
+        _ => Err(StorageError::Corrupt(
+            "an action record of an unknown layout".into(),
+        )),
+    }
+}
+
 /// Commands not final yet, by device and by expiry. Kept in memory and
 /// rebuilt from the action records when the database opens, so the records
 /// are the only durable truth: a command costs no index writes of its own
@@ -440,7 +465,7 @@ impl Storage {
             };
             for entry in records {
                 let (_, value) = entry?;
-                let action: Action = decode(&value)?;
+                let action = decode_action(&value)?;
                 if action.is_queued() {
                     open.track(&action);
                 }
@@ -980,7 +1005,7 @@ impl Storage {
     fn put_changed_action(&self, action: &Action) -> Result<(), StorageError> {
         self.actions.insert(
             action_key(&action.site_id, &action.action_id)?,
-            encode(action),
+            encode_action(action),
         )?;
         self.open_commands().track(action);
         Ok(())
@@ -1076,7 +1101,7 @@ impl Storage {
         };
         // uuid also parses other spellings of an id; only the exact one is it.
         Ok(value
-            .map(|v| decode::<Action>(&v))
+            .map(|v| decode_action(&v))
             .transpose()?
             .filter(|action| action.action_id == action_id))
     }
@@ -1088,7 +1113,7 @@ impl Storage {
         let mut moved = 0usize;
         for entry in self.legacy_actions.iter() {
             let (action_id, value) = entry?;
-            let action: Action = decode(&value)?;
+            let action = decode_action(&value)?;
             let key = action_key(&action.site_id, &action.action_id)?;
             self.legacy_action_keys.insert(&action_id, &key)?;
             self.actions.insert(key, value)?;
@@ -1119,7 +1144,7 @@ impl Storage {
                 limit,
                 true,
                 |_, value| {
-                    let action: Action = decode(value)?;
+                    let action = decode_action(value)?;
                     Ok((action.site_id == site_id && keep(&action)).then_some(action))
                 },
             );
@@ -1635,6 +1660,42 @@ mod tests {
             Some(ActionStatus::Succeeded)
         );
     }
+
+    /// Pins layout 1: if this fails, `Action` changed, and records already
+    /// stored need a new layout byte (see `ACTION_LAYOUT_1`).
+    #[test]
+    fn an_action_record_in_layout_1_still_decodes() {
+        use crate::model::{ActionStatus, FailureCode};
+        let mut action = open_command_of(
+            "st_1",
+            "dv_1",
+            "0192f3a4-5b6c-7d8e-9fa0-b1c2d3e4f5a6".into(),
+            1_700_000_000_000,
+        );
+        action.advance(
+            ActionStatus::Failed,
+            "no passcode support",
+            1_700_000_000_500,
+        );
+        action.failure_reason = "no passcode support".into();
+        action.failure_code = Some(FailureCode::Unsupported);
+        let stored = LAYOUT_1_FIXTURE;
+        assert_eq!(
+            decode_action(&hex::decode(stored).expect("hex")).expect("decodes"),
+            action
+        );
+        assert_eq!(hex::encode(encode_action(&action)), stored);
+        // Older records are JSON, and still read.
+        assert_eq!(decode_action(&encode(&action)).expect("json"), action);
+        assert!(decode_action(&[9, 9]).is_err());
+    }
+
+    const LAYOUT_1_FIXTURE: &str = concat!(
+        "012430313932663361342d356236632d376438652d396661302d6231633264336534663561360473",
+        "745f310464765f3101051161646d696e406578616d706c652e636f6d80a0abfef962e8a7abfef962",
+        "020080a0abfef9620671756575656405e8a7abfef962136e6f2070617373636f646520737570706f",
+        "7274136e6f2070617373636f646520737570706f727401008090ded0fa62010000",
+    );
 
     #[test]
     fn a_lockout_interrupted_by_a_crash_is_finished_on_open() {
