@@ -138,6 +138,12 @@ impl Session {
         let mut last_heard = Instant::now();
         // The end of the stream (or its error), when a batch ran into it.
         let mut held = None;
+        // One shutdown future for the whole session: made anew on every turn
+        // of the loop, it would take the lock of the watch all sessions share
+        // twice per message.
+        let mut shutdown = self.shutdown.clone();
+        let stopped = crate::tls::stopped(&mut shutdown);
+        tokio::pin!(stopped);
         let reason = match self.push_queued().await {
             Err(reason) => reason,
             Ok(()) => loop {
@@ -210,7 +216,7 @@ impl Session {
                             break "the agent stopped reading";
                         }
                     }
-                    () = crate::tls::stopped(&mut self.shutdown) => break "the server is shutting down",
+                    () = &mut stopped => break "the server is shutting down",
                 }
             },
         };
