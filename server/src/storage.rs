@@ -29,11 +29,12 @@ use crate::model::{
 /// Bumped whenever the layout of keys or values changes incompatibly.
 /// 2: commands not final yet are found from the action records; the
 /// `device_queue` and `action_expiry` trees of version 1 are emptied.
+/// 3: action records keyed by site tag and id, postcard-encoded from then
+/// on; the `actions` and `site_actions` trees of version 2 are emptied.
 pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// The oldest command that was not final at the last expiry sweep.
 const OPEN_SINCE_KEY: &[u8] = b"open_commands_since";
-const OPEN_SINCE: &str = "open_commands_since";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -453,8 +454,9 @@ impl Storage {
             recorded_since: recorded,
             ..OpenCommands::default()
         };
-        let since = uuid::Uuid::try_parse(&since)
-            .map_err(|_| StorageError::Corrupt(format!("{OPEN_SINCE:?} is not an action id")))?;
+        let since = uuid::Uuid::try_parse(&since).map_err(|_| {
+            StorageError::Corrupt("meta/open_commands_since is not an action id".into())
+        })?;
         // Each site's records since then: jump from one site tag to the next.
         let mut next_tag = Some(0u32);
         while let Some(from) = next_tag {
