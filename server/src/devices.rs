@@ -206,7 +206,7 @@ impl App {
             .is_some_and(|d| d.accepts_certificate(serial, now_millis())))
     }
 
-    pub fn get_device(&self, device_id: &str) -> Result<Device> {
+    pub fn get_device(&self, device_id: &str) -> Result<std::sync::Arc<Device>> {
         self.storage
             .get_device(device_id)?
             .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))

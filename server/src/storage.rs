@@ -254,7 +254,7 @@ pub struct Storage {
     /// lock and replaced by every write, under the same lock: each lock or
     /// reset reads its device, and a sled read with a JSON decode was about
     /// 6 % of the server's CPU in the lock fan-out (BENCHMARKS.md).
-    device_cache: Arc<std::sync::RwLock<HashMap<String, Device>>>,
+    device_cache: Arc<std::sync::RwLock<HashMap<String, Arc<Device>>>>,
     /// site_id \0 device_id -> ()
     site_devices: sled::Tree,
     /// site_id \0 serial number -> device_id of the active record
@@ -921,7 +921,7 @@ impl Storage {
         {
             let old_id = String::from_utf8_lossy(&old_id).into_owned();
             let _old_guard = hold_stripe(&self.device_locks, &old_id);
-            if let Some(mut old) = self.load_device(&old_id)?
+            if let Some(mut old) = self.load_device(&old_id)?.map(Arc::unwrap_or_clone)
                 && old.status == DeviceStatus::Active
             {
                 old.status = DeviceStatus::Replaced;
@@ -948,7 +948,8 @@ impl Storage {
         Ok(replaced)
     }
 
-    pub fn get_device(&self, device_id: &str) -> Result<Option<Device>, StorageError> {
+    /// A device as stored, shared with the cache (callers only read it).
+    pub fn get_device(&self, device_id: &str) -> Result<Option<Arc<Device>>, StorageError> {
         if let Some(device) = self.cached_device(device_id) {
             return Ok(Some(device));
         }
@@ -956,7 +957,7 @@ impl Storage {
         self.load_device(device_id)
     }
 
-    fn cached_device(&self, device_id: &str) -> Option<Device> {
+    fn cached_device(&self, device_id: &str) -> Option<Arc<Device>> {
         self.device_cache
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -966,15 +967,18 @@ impl Storage {
 
     /// Reads a device for a caller holding its stripe lock: no write can
     /// land between the read from sled and filling the cache.
-    fn load_device(&self, device_id: &str) -> Result<Option<Device>, StorageError> {
+    fn load_device(&self, device_id: &str) -> Result<Option<Arc<Device>>, StorageError> {
         if let Some(device) = self.cached_device(device_id) {
             return Ok(Some(device));
         }
         let Some(value) = self.devices.get(device_id.as_bytes())? else {
             return Ok(None);
         };
-        let device: Device = decode(&value)?;
-        self.cache_device(&device);
+        let device = Arc::new(decode::<Device>(&value)?);
+        self.device_cache
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(device_id.to_owned(), device.clone());
         Ok(Some(device))
     }
 
@@ -983,15 +987,11 @@ impl Storage {
     fn put_device(&self, device: &Device) -> Result<(), StorageError> {
         self.devices
             .insert(device.device_id.as_bytes(), encode(device))?;
-        self.cache_device(device);
-        Ok(())
-    }
-
-    fn cache_device(&self, device: &Device) {
         self.device_cache
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(device.device_id.clone(), device.clone());
+            .insert(device.device_id.clone(), Arc::new(device.clone()));
+        Ok(())
     }
 
     /// Changes a device under the devices lock; `change` returns false to
@@ -1002,7 +1002,7 @@ impl Storage {
         change: impl FnOnce(&mut Device) -> bool,
     ) -> Result<Option<Device>, StorageError> {
         let _guard = hold_stripe(&self.device_locks, device_id);
-        let Some(mut device) = self.load_device(device_id)? else {
+        let Some(mut device) = self.load_device(device_id)?.map(Arc::unwrap_or_clone) else {
             return Ok(None);
         };
         if change(&mut device) {
@@ -1028,7 +1028,10 @@ impl Storage {
             false,
             |key, _| {
                 let device_id = String::from_utf8_lossy(&key[prefix.len()..]);
-                Ok(self.get_device(&device_id)?.filter(|d| keep(d)))
+                Ok(self
+                    .get_device(&device_id)?
+                    .filter(|d| keep(d))
+                    .map(Arc::unwrap_or_clone))
             },
         )
     }
@@ -1707,8 +1710,8 @@ mod tests {
         let mut first = test_device("dv_1", "S9");
         storage.enroll_device(&mut first).expect("enroll");
         assert_eq!(
-            storage.get_device("dv_1").expect("get"),
-            Some(first.clone())
+            storage.get_device("dv_1").expect("get").as_deref(),
+            Some(&first)
         );
         storage
             .update_device("dv_1", |d| {
@@ -1720,7 +1723,7 @@ mod tests {
             storage
                 .get_device("dv_1")
                 .expect("get")
-                .map(|d| d.user_email),
+                .map(|d| d.user_email.clone()),
             Some("b@example.com".into())
         );
         // The same hardware enrolling again replaces the cached record too.

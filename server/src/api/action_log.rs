@@ -44,7 +44,7 @@ impl ActionLogService for ActionLogApi {
             .then(|| required_id("device_id", &request.device_id))
             .transpose()?;
         let site_id = match device_id {
-            Some(device_id) => self.app.get_device(device_id)?.site_id,
+            Some(device_id) => self.app.get_device(device_id)?.site_id.clone(),
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
@@ -119,7 +119,7 @@ impl ActionLogService for ActionLogApi {
             .then(|| required_id("device_id", &request.device_id).map(str::to_owned))
             .transpose()?;
         let site_id = match &device_id {
-            Some(device_id) => self.app.get_device(device_id)?.site_id,
+            Some(device_id) => self.app.get_device(device_id)?.site_id.clone(),
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;

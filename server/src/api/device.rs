@@ -74,7 +74,7 @@ impl DeviceService for DeviceApi {
         let online = self.app.is_online(device_id);
         let security = self.app.security_view(&device, &admin.email)?;
         let audit_trail = self.app.audit_trail(device_id, 50)?;
-        let mut device = convert::device(device, online);
+        let mut device = convert::device(std::sync::Arc::unwrap_or_clone(device), online);
         device.security = Some(convert::security(security));
         Ok(Response::new(pb::GetDeviceResponse {
             device: Some(device),
