@@ -72,15 +72,18 @@ impl LiveStreams {
             .contains_key(device_id)
     }
 
-    /// Sends a signal to the device's stream; false when it has none.
-    pub fn signal(&self, device_id: &str, signal: StreamSignal) -> bool {
-        let sender = self
-            .streams
+    fn sender(&self, device_id: &str) -> Option<mpsc::Sender<StreamSignal>> {
+        self.streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(device_id)
-            .map(|(_, tx)| tx.clone());
-        sender.is_some_and(|tx| tx.try_send(signal).is_ok())
+            .map(|(_, tx)| tx.clone())
+    }
+
+    /// Sends a signal to the device's stream; false when it has none.
+    pub fn signal(&self, device_id: &str, signal: StreamSignal) -> bool {
+        self.sender(device_id)
+            .is_some_and(|tx| tx.try_send(signal).is_ok())
     }
 
     /// Sends a signal to the device's stream even when its signal queue is
@@ -88,13 +91,7 @@ impl LiveStreams {
     /// stream. A command handed over this way must not be dropped: it would
     /// only go out on the device's next stream.
     pub fn deliver(&self, device_id: &str, signal: StreamSignal) -> bool {
-        let Some(tx) = self
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(device_id)
-            .map(|(_, tx)| tx.clone())
-        else {
+        let Some(tx) = self.sender(device_id) else {
             return false;
         };
         match tx.try_send(signal) {

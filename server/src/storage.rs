@@ -166,19 +166,21 @@ pub fn new_action_id(site_id: &str) -> String {
 fn action_key(site_id: &str, action_id: &str) -> Result<[u8; 20], StorageError> {
     let id = uuid::Uuid::try_parse(action_id)
         .map_err(|_| StorageError::Corrupt(format!("action id {action_id:?} is not a UUID")))?;
-    let mut key = [0; 20];
-    key[..4].copy_from_slice(&site_tag(site_id));
-    key[4..].copy_from_slice(id.as_bytes());
-    Ok(key)
+    Ok(record_key(site_tag(site_id), &id))
 }
 
 /// Where a record made since schema 3 is, read from its id alone.
 fn key_from_id(action_id: &str) -> Option<[u8; 20]> {
     let id = uuid::Uuid::try_parse(action_id).ok()?;
+    let tag = <[u8; 4]>::try_from(&id.as_bytes()[12..]).ok()?;
+    Some(record_key(tag, &id))
+}
+
+fn record_key(tag: [u8; 4], id: &uuid::Uuid) -> [u8; 20] {
     let mut key = [0; 20];
-    key[..4].copy_from_slice(&id.as_bytes()[12..]);
+    key[..4].copy_from_slice(&tag);
     key[4..].copy_from_slice(id.as_bytes());
-    Some(key)
+    key
 }
 
 fn tag_of_key(key: &[u8]) -> Result<u32, StorageError> {
@@ -975,10 +977,7 @@ impl Storage {
             return Ok(None);
         };
         let device = Arc::new(decode::<Device>(&value)?);
-        self.device_cache
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(device_id.to_owned(), device.clone());
+        self.cache_device(device.clone());
         Ok(Some(device))
     }
 
@@ -987,11 +986,15 @@ impl Storage {
     fn put_device(&self, device: &Device) -> Result<(), StorageError> {
         self.devices
             .insert(device.device_id.as_bytes(), encode(device))?;
+        self.cache_device(Arc::new(device.clone()));
+        Ok(())
+    }
+
+    fn cache_device(&self, device: Arc<Device>) {
         self.device_cache
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(device.device_id.clone(), Arc::new(device.clone()));
-        Ok(())
+            .insert(device.device_id.clone(), device);
     }
 
     /// Changes a device under the devices lock; `change` returns false to

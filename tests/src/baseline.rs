@@ -340,15 +340,7 @@ pub async fn fan_outs_in_child(
     for session in sessions {
         session.await?;
     }
-    crate::eventually_within(
-        Duration::from_secs(300),
-        "every baseline stream is live",
-        &mut || {
-            let count = connected.load(Ordering::Relaxed);
-            async move { (count >= n).then_some(()) }
-        },
-    )
-    .await;
+    crate::bench::until_connected(&connected, n, "every baseline stream is live").await;
     let mut admins = Vec::new();
     for _ in 0..crate::bench::ADMIN_CONNECTIONS {
         let channel = crate::bench_channel_from(addr, n, tls(&admin_cert, &admin_key)).await?;

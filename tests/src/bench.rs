@@ -116,6 +116,15 @@ pub async fn channel_from(
         .await
 }
 
+/// Waits (at most 5 minutes) until `n` agent sessions say they are connected.
+pub(crate) async fn until_connected(connected: &AtomicUsize, n: usize, what: &str) {
+    crate::eventually_within(Duration::from_secs(300), what, &mut || {
+        let count = connected.load(Ordering::Relaxed);
+        async move { (count >= n).then_some(()) }
+    })
+    .await;
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -416,15 +425,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     for connect in connects {
         connect.await?;
     }
-    crate::eventually_within(
-        Duration::from_secs(300),
-        "every agent stream is live",
-        &mut || {
-            let count = connected.load(Ordering::Relaxed);
-            async move { (count >= n).then_some(()) }
-        },
-    )
-    .await;
+    until_connected(&connected, n, "every agent stream is live").await;
     report.connect_ramp_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     report.server_rss_after_kb = rss_kb(server_pid);
