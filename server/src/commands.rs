@@ -210,7 +210,7 @@ impl App {
                 action_id: action.action_id.clone(),
             }
         };
-        self.live.deliver(device_id, signal);
+        self.live.signal(device_id, signal);
         tracing::info!(action_id = %action.action_id, device_id, kind = ?action_type, admin = admin_email, "command queued");
         Ok(action)
     }

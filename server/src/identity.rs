@@ -65,7 +65,10 @@ fn parse_client_cert<T>(request: &Request<T>) -> Result<ClientCert, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("this service needs a client certificate"))?;
-    let der = leaf.as_ref();
+    parse_cached(leaf.as_ref())
+}
+
+fn parse_cached(der: &[u8]) -> Result<ClientCert, Status> {
     let parsed = || PARSED.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(cert) = parsed().get(der) {
         return Ok(cert.clone());
@@ -126,7 +129,15 @@ impl AdminAuthenticator {
     }
 
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<AdminIdentity, Status> {
-        let cert = parse_client_cert(request)?;
+        self.check(parse_client_cert(request)?)
+    }
+
+    /// The admin a leaf certificate (DER) proves, as the registry says now.
+    pub fn authenticate_der(&self, der: &[u8]) -> Result<AdminIdentity, Status> {
+        self.check(parse_cached(der)?)
+    }
+
+    fn check(&self, cert: ClientCert) -> Result<AdminIdentity, Status> {
         if cert.unit.as_deref() != Some(ADMIN_OU) {
             return Err(Status::unauthenticated(
                 "this service needs an admin certificate",
@@ -195,7 +206,15 @@ impl DeviceAuthenticator {
     }
 
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<DeviceIdentity, Status> {
-        let cert = parse_client_cert(request)?;
+        self.check(parse_client_cert(request)?)
+    }
+
+    /// The device a leaf certificate (DER) proves, while it is valid.
+    pub fn authenticate_der(&self, der: &[u8]) -> Result<DeviceIdentity, Status> {
+        self.check(parse_cached(der)?)
+    }
+
+    fn check(&self, cert: ClientCert) -> Result<DeviceIdentity, Status> {
         let device_id = match (cert.unit.as_deref(), cert.device_id) {
             (Some(DEVICE_OU), Some(id)) => id,
             _ => {
@@ -226,6 +245,19 @@ impl DeviceAuthenticator {
             request.extensions_mut().insert(identity);
             Ok(request)
         }
+    }
+}
+
+/// Whether a leaf certificate (DER) is an identity that may use the server
+/// now: an unrevoked admin or a current certificate of an enrolled device.
+pub fn authorized(admins: &AdminAuthenticator, devices: &DeviceAuthenticator, der: &[u8]) -> bool {
+    let Ok(cert) = parse_cached(der) else {
+        return false;
+    };
+    match cert.unit.as_deref() {
+        Some(ADMIN_OU) => admins.check(cert).is_ok(),
+        Some(DEVICE_OU) => devices.check(cert).is_ok(),
+        _ => false,
     }
 }
 

@@ -145,6 +145,11 @@ pub async fn run(
         .build_v1alpha()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let connections = Arc::new(tls::Connections::default());
+    let authorize: Arc<tls::Authorize> = {
+        let (admins, devices) = (admin_auth.clone(), device_auth.clone());
+        Arc::new(move |der: &[u8]| crate::identity::authorized(&admins, &devices, der))
+    };
     let admin = admin_auth.interceptor();
     let site = InterceptedService::new(
         SiteServiceServer::new(api::SiteApi::new(app.clone()))
@@ -169,8 +174,12 @@ pub async fn run(
     let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi::new(app.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agent = InterceptedService::new(
-        AgentServiceServer::new(api::AgentApi::new(app.clone(), stop_rx.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        AgentServiceServer::new(api::AgentApi::new(
+            app.clone(),
+            stop_rx.clone(),
+            connections.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
         device_auth.interceptor(),
     );
 
@@ -178,8 +187,12 @@ pub async fn run(
     let (ready_tx, ready_rx) = mpsc::channel(256);
     let accept = tokio::spawn(tls::accept_loop(
         listener,
-        acceptor,
-        tls::SourceLimits::new(config.connections_per_source),
+        tls::Acceptance {
+            acceptor,
+            limits: tls::SourceLimits::new(config.connections_per_source),
+            connections,
+            authorize,
+        },
         ready_tx,
         stop_rx.clone(),
     ));

@@ -7,6 +7,7 @@
 //! and connection-level limits have one home.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 /// A handshake that has not finished by then is dropped.
@@ -135,11 +137,119 @@ impl Drop for SourceSlot {
     }
 }
 
-/// A finished TLS connection, holding its source's place while it is open.
+/// Whether a client certificate (leaf, DER) belongs to an identity that may
+/// use the server now: an unrevoked admin, or a current certificate of an
+/// enrolled device. Anything else counts like a connection without one.
+pub type Authorize = dyn Fn(&[u8]) -> bool + Send + Sync;
+
+/// How often open connections with a certificate are checked again, so a
+/// revoked identity stops escaping the per-source limit.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The open connections by peer address: a session can close its own
+/// connection, and connections whose identity was revoked are counted again.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: Mutex<HashMap<SocketAddr, Arc<ConnectionEntry>>>,
+}
+
 #[derive(Debug)]
+struct ConnectionEntry {
+    source: IpAddr,
+    certificate: Option<Vec<u8>>,
+    closed: CancellationToken,
+    /// A place in the source's pool of connections without a valid identity.
+    slot: Mutex<Option<SourceSlot>>,
+}
+
+impl Connections {
+    /// Closes the connection from `peer` (every call on it ends), if open.
+    pub fn close(&self, peer: SocketAddr) {
+        if let Some(entry) = self.lock().get(&peer) {
+            tracing::info!(%peer, "closing the connection");
+            entry.closed.cancel();
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<ConnectionEntry>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts every connection whose certificate is no longer authorized
+    /// against its source's anonymous pool, closing it when that is full.
+    fn recheck(&self, limits: &Arc<SourceLimits>, authorize: &Authorize) {
+        let entries: Vec<(SocketAddr, Arc<ConnectionEntry>)> = self
+            .lock()
+            .iter()
+            .map(|(peer, entry)| (*peer, entry.clone()))
+            .collect();
+        for (peer, entry) in entries {
+            let Some(certificate) = &entry.certificate else {
+                continue;
+            };
+            let mut slot = entry.slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_some() || authorize(certificate) {
+                continue;
+            }
+            match limits.acquire(entry.source, true) {
+                Some(anonymous) => *slot = Some(anonymous),
+                None => {
+                    log_refused(
+                        peer,
+                        "its certificate was revoked and its address has too many connections without a valid one",
+                    );
+                    entry.closed.cancel();
+                }
+            }
+        }
+    }
+}
+
+/// A finished TLS connection, holding its source's place while it is open.
+/// Once closed through [`Connections::close`] it fails every read and write,
+/// so hyper drops it with all its calls, even when the peer reads nothing.
 pub struct Connection {
     stream: TlsStream<TcpStream>,
-    _slot: Option<SourceSlot>,
+    peer: SocketAddr,
+    entry: Arc<ConnectionEntry>,
+    connections: Arc<Connections>,
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock();
+        if open
+            .get(&self.peer)
+            .is_some_and(|entry| Arc::ptr_eq(entry, &self.entry))
+        {
+            open.remove(&self.peer);
+        }
+    }
+}
+
+impl Connection {
+    fn check_open(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "closed by the server",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl AsyncRead for Connection {
@@ -148,6 +258,7 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -158,9 +269,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -171,6 +284,7 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -185,19 +299,50 @@ impl Connected for Connection {
     }
 }
 
+/// What the accept loop needs besides the listener.
+pub struct Acceptance {
+    pub acceptor: TlsAcceptor,
+    pub limits: Arc<SourceLimits>,
+    pub connections: Arc<Connections>,
+    pub authorize: Arc<Authorize>,
+}
+
+impl std::fmt::Debug for Acceptance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptance")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Accepts TCP connections until `stop` turns true, completes each TLS
 /// handshake in its own task, and sends finished connections to `ready`.
-/// A source over its limits is disconnected at once.
+/// A source over its limits is disconnected at once. A connection counts as
+/// authenticated only while its certificate is authorized (checked at the
+/// handshake and every few seconds after).
 pub async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
-    limits: Arc<SourceLimits>,
+    acceptance: Acceptance,
     ready: mpsc::Sender<Connection>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Acceptance {
+        acceptor,
+        limits,
+        connections,
+        authorize,
+    } = acceptance;
+    let mut recheck = tokio::time::interval(RECHECK_EVERY);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (tcp, peer) = tokio::select! {
             () = stopped(&mut stop) => return,
+            _ = recheck.tick() => {
+                let (connections, limits, authorize) = (connections.clone(), limits.clone(), authorize.clone());
+                // Device checks read storage.
+                let _ = tokio::task::spawn_blocking(move || connections.recheck(&limits, &*authorize)).await;
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -219,12 +364,21 @@ pub async fn accept_loop(
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         let limits = limits.clone();
+        let connections = connections.clone();
+        let authorize = authorize.clone();
         tokio::spawn(async move {
             let handshaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             drop(handshake);
             match handshaken {
                 Ok(Ok(stream)) => {
-                    let slot = if stream.get_ref().1.peer_certificates().is_some() {
+                    let certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| leaf.as_ref().to_vec());
+                    let authorized = certificate.as_deref().is_some_and(|der| authorize(der));
+                    let slot = if authorized {
                         None
                     } else {
                         match limits.acquire(peer.ip(), true) {
@@ -232,15 +386,26 @@ pub async fn accept_loop(
                             None => {
                                 return log_refused(
                                     peer,
-                                    "too many connections without a client certificate from this address",
+                                    "too many connections without a valid client certificate from this address",
                                 );
                             }
                         }
                     };
+                    let entry = Arc::new(ConnectionEntry {
+                        source: peer.ip(),
+                        certificate,
+                        closed: CancellationToken::new(),
+                        slot: Mutex::new(slot),
+                    });
+                    connections.lock().insert(peer, entry.clone());
+                    let closed = Box::pin(entry.closed.clone().cancelled_owned());
                     let _ = ready
                         .send(Connection {
                             stream,
-                            _slot: slot,
+                            peer,
+                            entry,
+                            connections,
+                            closed,
                         })
                         .await;
                 }

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use mdm_proto::v1 as pb;
 use mdm_proto::v1::action_log_service_server::ActionLogService;
-use tokio::sync::watch;
-use tokio_stream::wrappers::BroadcastStream;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, authorize_site, page_size, required_id};
@@ -31,6 +33,66 @@ impl ActionLogApi {
 
 type Rpc<T> = Result<Response<T>, Status>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How often an open watch checks that its admin may still see the site.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl ActionLogApi {
+    /// Serves `events` to a watcher only while the admin who opened it may
+    /// still manage `site_id`: revoking the certificate (or taking the site
+    /// off its record) ends the watch with that status within a second, not
+    /// at the next call. Also ends at shutdown, or when the watcher leaves.
+    fn guarded<T: Send + 'static>(
+        &self,
+        certificate: Vec<u8>,
+        site_id: String,
+        events: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        let authenticator = identity::AdminAuthenticator::new(self.app.registry.clone());
+        let still_allowed = move || {
+            let admin = authenticator.authenticate_der(&certificate)?;
+            authorize_site(&admin, &site_id)
+        };
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            let mut recheck = tokio::time::interval(RECHECK_EVERY);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stopped = crate::tls::stopped(&mut shutdown);
+            tokio::pin!(stopped);
+            loop {
+                let item = tokio::select! {
+                    item = events.next() => match item {
+                        Some(item) => item,
+                        None => return,
+                    },
+                    _ = recheck.tick() => match still_allowed() {
+                        Ok(()) => continue,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    },
+                    () = tx.closed() => return,
+                    () = &mut stopped => return,
+                };
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+fn leaf_certificate<T>(request: &Request<T>) -> Vec<u8> {
+    request
+        .peer_certs()
+        .and_then(|chain| chain.first().map(|leaf| leaf.as_ref().to_vec()))
+        .unwrap_or_default()
+}
 
 #[tonic::async_trait]
 impl ActionLogService for ActionLogApi {
@@ -114,6 +176,7 @@ impl ActionLogService for ActionLogApi {
         request: Request<pb::WatchActionsRequest>,
     ) -> Rpc<BoxStream<pb::WatchActionsResponse>> {
         let admin = identity::admin(&request)?;
+        let certificate = leaf_certificate(&request);
         let request = request.into_inner();
         let device_id = (!request.device_id.is_empty())
             .then(|| required_id("device_id", &request.device_id).map(str::to_owned))
@@ -124,12 +187,12 @@ impl ActionLogService for ActionLogApi {
         };
         authorize_site(&admin, &site_id)?;
         self.app.get_site(&site_id)?;
-        let mut shutdown = self.shutdown.clone();
+        let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_actions())
             .filter_map(move |item| {
                 let keep = match &item {
                     Ok(action) => {
-                        action.site_id == site_id
+                        action.site_id == watched
                             && device_id.as_ref().is_none_or(|d| &action.device_id == d)
                     }
                     Err(_) => true,
@@ -145,11 +208,8 @@ impl ActionLogService for ActionLogApi {
                         )))),
                     }
                 }
-            })
-            .take_until(async move {
-                let _ = shutdown.wait_for(|stopped| *stopped).await;
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.guarded(certificate, site_id, stream)))
     }
 
     async fn list_alerts(
@@ -177,13 +237,14 @@ impl ActionLogService for ActionLogApi {
         request: Request<pb::WatchAlertsRequest>,
     ) -> Rpc<BoxStream<pb::WatchAlertsResponse>> {
         let admin = identity::admin(&request)?;
+        let certificate = leaf_certificate(&request);
         let site_id = required_id("site_id", &request.get_ref().site_id)?.to_owned();
         authorize_site(&admin, &site_id)?;
         self.app.get_site(&site_id)?;
-        let mut shutdown = self.shutdown.clone();
+        let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_alerts())
             .filter_map(move |item| {
-                let site_id = site_id.clone();
+                let site_id = watched.clone();
                 async move {
                     match item {
                         Ok(alert) if alert.site_id == site_id => Some(Ok(pb::WatchAlertsResponse {
@@ -195,11 +256,8 @@ impl ActionLogService for ActionLogApi {
                         )))),
                     }
                 }
-            })
-            .take_until(async move {
-                let _ = shutdown.wait_for(|stopped| *stopped).await;
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.guarded(certificate, site_id, stream)))
     }
 
     async fn list_notifications(

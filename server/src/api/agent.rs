@@ -18,21 +18,35 @@ use super::convert::{self, AgentMessage, timestamp};
 use crate::app::App;
 use crate::commands::{AgentReport, Delivery};
 use crate::identity;
-use crate::live::StreamSignal;
+use crate::live::{Registration, Signal, StreamEnd};
 use crate::model::now_millis;
+use crate::tls::Connections;
 
 /// An agent must say hello this soon after opening its stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stream that must end may take to hand its last messages to
+/// the agent before its connection is closed.
+const DRAIN_BEFORE_CLOSE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     app: Arc<App>,
     shutdown: watch::Receiver<bool>,
+    connections: Arc<Connections>,
 }
 
 impl AgentApi {
-    pub fn new(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { app, shutdown }
+    pub fn new(
+        app: Arc<App>,
+        shutdown: watch::Receiver<bool>,
+        connections: Arc<Connections>,
+    ) -> Self {
+        Self {
+            app,
+            shutdown,
+            connections,
+        }
     }
 }
 
@@ -67,6 +81,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
         let device = identity::device(&request)?;
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("send a hello first")),
@@ -91,6 +106,19 @@ impl AgentService for AgentApi {
         }
         let policy = self.app.device_policy(&device.device_id)?;
         let registration = self.app.live.register(&device.device_id);
+        // An unenroll that ran since the interceptor's check found no stream
+        // to tell: check again now that this one is registered.
+        if !self
+            .app
+            .device_certificate_valid(&device.device_id, &device.serial)?
+        {
+            self.app
+                .live
+                .unregister(&device.device_id, registration.generation);
+            return Err(Status::unauthenticated(
+                "the device certificate is revoked; enroll again",
+            ));
+        }
         let interval = self.app.heartbeat_interval();
         let (tx, rx) = mpsc::channel(16);
         let _ = tx
@@ -110,8 +138,20 @@ impl AgentService for AgentApi {
             tx,
             shutdown: self.shutdown.clone(),
             sent: HashSet::new(),
+            registration,
         };
-        tokio::spawn(session.run(inbound, registration));
+        let connections = self.connections.clone();
+        tokio::spawn(async move {
+            let (tx, close_connection) = session.run(inbound).await;
+            if close_connection && let Some(peer) = peer {
+                // Let an agent that reads take what was sent; one that
+                // does not loses its connection, or the stream would stay.
+                let drained = tokio::time::timeout(DRAIN_BEFORE_CLOSE, tx.closed()).await;
+                if drained.is_err() {
+                    connections.close(peer);
+                }
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -125,14 +165,66 @@ struct Session {
     shutdown: watch::Receiver<bool>,
     /// Commands already carried by this stream.
     sent: HashSet<String>,
+    registration: Registration,
+}
+
+/// Why a session stops.
+enum Stop {
+    /// Told out of band (unenroll, replacement, a newer stream).
+    Told(StreamEnd),
+    /// The agent stopped reading: its connection is closed too.
+    Stuck,
+    Other(&'static str),
+}
+
+impl From<&'static str> for Stop {
+    fn from(reason: &'static str) -> Self {
+        Stop::Other(reason)
+    }
 }
 
 impl Session {
+    /// Serves the stream until it must end. Returns the response sender (to
+    /// see whether the agent took what is left) and whether the connection
+    /// must be closed because the agent no longer reads its stream.
     async fn run(
         mut self,
         mut inbound: Streaming<pb::ConnectRequest>,
-        mut registration: crate::live::Registration,
-    ) {
+    ) -> (mpsc::Sender<Result<pb::ConnectResponse, Status>>, bool) {
+        let stop = match self.push_queued().await {
+            Err(stop) => stop,
+            Ok(()) => self.serve(&mut inbound).await,
+        };
+        let (reason, close_connection) = match stop {
+            Stop::Told(StreamEnd::Unenrolled { action_id }) => {
+                let command = pb::Command {
+                    command_id: action_id,
+                    r#type: pb::ActionType::Unenroll.into(),
+                    expires_at: Some(timestamp(now_millis() + 3_600_000)),
+                    payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
+                };
+                // Best effort: an agent that reads removes its identity; its
+                // certificate is refused from now on either way.
+                let _ = tokio::time::timeout(
+                    DRAIN_BEFORE_CLOSE,
+                    self.tx.send(outbound(Outbound::Command(command))),
+                )
+                .await;
+                ("the device was unenrolled", true)
+            }
+            Stop::Told(StreamEnd::Replaced) => ("the device enrolled again under a new id", true),
+            Stop::Told(StreamEnd::Superseded) => ("a newer stream replaced this one", false),
+            Stop::Stuck => ("the agent stopped reading", true),
+            Stop::Other(reason) => (reason, false),
+        };
+        self.app
+            .live
+            .unregister(&self.device_id, self.registration.generation);
+        tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
+        (self.tx, close_connection)
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<pb::ConnectRequest>) -> Stop {
         let mut heartbeat = tokio::time::interval(self.interval);
         heartbeat.tick().await;
         let mut last_heard = Instant::now();
@@ -144,98 +236,90 @@ impl Session {
         let mut shutdown = self.shutdown.clone();
         let stopped = crate::tls::stopped(&mut shutdown);
         tokio::pin!(stopped);
-        let reason = match self.push_queued().await {
-            Err(reason) => reason,
-            Ok(()) => loop {
-                tokio::select! {
-                    message = next_message(&mut inbound, &mut held) => match message {
-                        Ok(Some(message)) => {
-                            last_heard = Instant::now();
-                            // Messages that have already arrived are handled
-                            // together: an agent's reports about one command
-                            // (acknowledged, progress, result) become one write.
-                            let mut batch = vec![message];
-                            while batch.len() < MAX_BATCH {
-                                match inbound.message().now_or_never() {
-                                    Some(Ok(Some(next))) => batch.push(next),
-                                    Some(end) => {
-                                        held = Some(end);
-                                        break;
-                                    }
-                                    None => break,
+        loop {
+            tokio::select! {
+                message = next_message(inbound, &mut held) => match message {
+                    Ok(Some(message)) => {
+                        last_heard = Instant::now();
+                        // Messages that have already arrived are handled
+                        // together: an agent's reports about one command
+                        // (acknowledged, progress, result) become one write.
+                        let mut batch = vec![message];
+                        while batch.len() < MAX_BATCH {
+                            match inbound.message().now_or_never() {
+                                Some(Ok(Some(next))) => batch.push(next),
+                                Some(end) => {
+                                    held = Some(end);
+                                    break;
                                 }
-                            }
-                            if let Err(reason) = self.handle_batch(batch).await {
-                                break reason;
+                                None => break,
                             }
                         }
-                        Ok(None) => break "the agent closed the stream",
-                        Err(status) => {
-                            if matches!(status.code(), tonic::Code::Internal | tonic::Code::InvalidArgument | tonic::Code::OutOfRange) {
-                                // Undecodable input: tell the agent why before closing.
-                                let _ = self.tx.send(Err(Status::invalid_argument(format!("malformed message: {}", status.message())))).await;
-                            }
-                            break "the stream broke";
-                        }
-                    },
-                    signal = registration.signals.recv() => match signal {
-                        Some(StreamSignal::PolicyChanged) => {
-                            if let Ok(policy) = self.app.device_policy(&self.device_id) {
-                                let _ = self.tx.send(outbound(Outbound::Policy(convert::policy(policy)))).await;
-                            }
-                        }
-                        Some(StreamSignal::NewCommand { .. }) => {
-                            if let Err(reason) = self.push_queued().await {
-                                break reason;
-                            }
-                        }
-                        Some(StreamSignal::Command(action)) => {
-                            if let Err(reason) = self.send_command(&action).await {
-                                break reason;
-                            }
-                        }
-                        Some(StreamSignal::Unenrolled { action_id }) => {
-                            let command = pb::Command {
-                                command_id: action_id,
-                                r#type: pb::ActionType::Unenroll.into(),
-                                expires_at: Some(timestamp(now_millis() + 3_600_000)),
-                                payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
-                            };
-                            let _ = self.tx.send(outbound(Outbound::Command(command))).await;
-                            break "the device was unenrolled";
-                        }
-                        Some(StreamSignal::Replaced) => break "the device enrolled again under a new id",
-                        None => break "a newer stream replaced this one",
-                    },
-                    _ = heartbeat.tick() => {
-                        if last_heard.elapsed() > self.interval * 2 {
-                            break "no heartbeat for two intervals";
-                        }
-                        let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
-                        if self.tx.send(outbound(Outbound::Heartbeat(beat))).await.is_err() {
-                            break "the agent stopped reading";
+                        if let Err(reason) = self.handle_batch(batch).await {
+                            return reason.into();
                         }
                     }
-                    () = &mut stopped => break "the server is shutting down",
+                    Ok(None) => return "the agent closed the stream".into(),
+                    Err(status) => {
+                        if matches!(status.code(), tonic::Code::Internal | tonic::Code::InvalidArgument | tonic::Code::OutOfRange) {
+                            // Undecodable input: tell the agent why before closing.
+                            let _ = self.send(Err(Status::invalid_argument(format!("malformed message: {}", status.message())))).await;
+                        }
+                        return "the stream broke".into();
+                    }
+                },
+                signal = self.registration.next() => {
+                    let handled = match signal {
+                        Signal::End(end) => Err(Stop::Told(end)),
+                        Signal::PolicyChanged => match self.app.device_policy(&self.device_id) {
+                            Ok(policy) => self.send(outbound(Outbound::Policy(convert::policy(policy)))).await,
+                            Err(_) => Ok(()),
+                        },
+                        Signal::Rescan => self.push_queued().await,
+                        Signal::Command(action) => self.send_command(&action).await,
+                    };
+                    if let Err(stop) = handled {
+                        return stop;
+                    }
                 }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > self.interval * 2 {
+                        return "no heartbeat for two intervals".into();
+                    }
+                    let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
+                    if let Err(stop) = self.send(outbound(Outbound::Heartbeat(beat))).await {
+                        return stop;
+                    }
+                }
+                () = &mut stopped => return "the server is shutting down".into(),
+            }
+        }
+    }
+
+    /// Writes to the stream. An agent that takes nothing for two heartbeat
+    /// intervals is stuck; an out-of-band end is seen while waiting.
+    async fn send(&self, message: Result<pb::ConnectResponse, Status>) -> Result<(), Stop> {
+        tokio::select! {
+            biased;
+            end = self.registration.ended() => Err(Stop::Told(end)),
+            sent = tokio::time::timeout(self.interval * 2, self.tx.send(message)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err("the agent closed the stream".into()),
+                Err(_) => Err(Stop::Stuck),
             },
-        };
-        self.app
-            .live
-            .unregister(&self.device_id, registration.generation);
-        tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
+        }
     }
 
     /// Sends every queued command this stream has not carried yet. Each is
     /// recorded as SENT durably before it goes out: a command still PENDING
     /// after a crash was never delivered, so superseding it is safe.
-    async fn push_queued(&mut self) -> Result<(), &'static str> {
+    async fn push_queued(&mut self) -> Result<(), Stop> {
         let queued = self
             .app
             .pending_commands(&self.device_id)
             .map_err(|error| {
                 tracing::error!(%error, "cannot read the command queue");
-                "the command queue cannot be read"
+                Stop::from("the command queue cannot be read")
             })?;
         let mut commands = Vec::new();
         for action in queued {
@@ -251,7 +335,7 @@ impl Session {
                 Ok(Delivery::Withdrawn) => continue,
                 Err(error) => {
                     tracing::error!(%error, "cannot record a sent command");
-                    return Err("the command queue cannot be written");
+                    return Err("the command queue cannot be written".into());
                 }
             };
             commands.push((command, sent));
@@ -261,7 +345,7 @@ impl Session {
         }
         self.app.commit().await.map_err(|error| {
             tracing::error!(%error, "cannot record sent commands");
-            "the command queue cannot be written"
+            Stop::from("the command queue cannot be written")
         })?;
         for (command, sent) in commands {
             if let Some(action) = sent {
@@ -273,7 +357,7 @@ impl Session {
     }
 
     /// Sends a command the admin call already recorded as SENT and committed.
-    async fn send_command(&mut self, action: &crate::model::Action) -> Result<(), &'static str> {
+    async fn send_command(&mut self, action: &crate::model::Action) -> Result<(), Stop> {
         if self.sent.contains(&action.action_id) {
             return Ok(());
         }
@@ -294,16 +378,9 @@ impl Session {
         command
     }
 
-    async fn write_command(&mut self, command: pb::Command) -> Result<(), &'static str> {
+    async fn write_command(&mut self, command: pb::Command) -> Result<(), Stop> {
         let action_id = command.command_id.clone();
-        if self
-            .tx
-            .send(outbound(Outbound::Command(command)))
-            .await
-            .is_err()
-        {
-            return Err("the agent stopped reading");
-        }
+        self.send(outbound(Outbound::Command(command))).await?;
         self.sent.insert(action_id);
         Ok(())
     }
