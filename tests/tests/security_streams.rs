@@ -237,7 +237,7 @@ async fn connections_as(server: &TestServer, credential: &Credential, n: usize) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_certificates_count_against_the_per_source_connection_limit() {
     let temp = tempfile::tempdir().unwrap();
-    let mut config = mdm_server::Config::for_data_dir(&temp.path().join("data"));
+    let mut config = mdm_server::Config::for_data_dir(temp.path().join("data"));
     config.connections_per_source = 3;
     let server = TestServer::start_with(config).await.unwrap();
 
