@@ -104,7 +104,19 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
         }
     };
     let (key_pem, csr_pem) = key_and_csr("mdm-agent").map_err(EnrollError::Key)?;
-    let channel = client::channel(&options.server, &ca_pem, None).await?;
+    // Enrolling again (--force) with a current identity proves this is the
+    // same device, so the server replaces its record instead of keeping both.
+    let current = match (options.state.cert_pem(), options.state.key_pem()) {
+        (Ok(cert), Ok(key)) if options.force => Some((cert, key)),
+        _ => None,
+    };
+    let identity = current.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+    let channel = match client::channel(&options.server, &ca_pem, identity).await {
+        Ok(channel) => channel,
+        // An identity the server no longer accepts may fail the handshake.
+        Err(_) if identity.is_some() => client::channel(&options.server, &ca_pem, None).await?,
+        Err(error) => return Err(error.into()),
+    };
     let facts = crate::facts::collect(
         options.serial_override.as_deref(),
         options.backend.capabilities(),

@@ -15,7 +15,7 @@ use crate::model::{
     IssuedDeviceCert, Millis, now_millis, short_id,
 };
 use crate::pki::{CsrError, DeviceCsr, parse_device_csr};
-use crate::storage::Page;
+use crate::storage::{Enrolled, Page};
 
 /// An enrollment as the edge hands it to the domain.
 pub struct EnrollRequest {
@@ -24,6 +24,9 @@ pub struct EnrollRequest {
     pub csr_pem: String,
     pub facts: DeviceFacts,
     pub source: IpAddr,
+    /// The device the client proved to be by presenting its current
+    /// certificate: only that device may be replaced by this enrollment.
+    pub proven_device: Option<String>,
 }
 
 impl std::fmt::Debug for EnrollRequest {
@@ -142,11 +145,21 @@ impl App {
             replaced_by_device_id: None,
             security: Default::default(),
         };
-        let replaced = self.storage.enroll_device(&mut device)?;
-        if let Some(old) = &replaced {
-            // The old record's stream, if any, must not outlive it.
-            self.live.signal(old, StreamSignal::Replaced);
-        }
+        let enrolled = self
+            .storage
+            .enroll_device(&mut device, request.proven_device.as_deref())?;
+        let replaced = match &enrolled {
+            Enrolled::Replacing(old) => {
+                // The old record's stream, if any, must not outlive it.
+                self.live.signal(old, StreamSignal::Replaced);
+                Some(old.clone())
+            }
+            Enrolled::AlongsideSameSerial(other) => {
+                self.duplicate_serial_alert(&verified.site, &device, other, request.source)?;
+                None
+            }
+            Enrolled::New => None,
+        };
         let now = now_millis();
         self.storage.update_passcode(&device.site_id, |record| {
             record.enrollments += 1;
@@ -166,6 +179,50 @@ impl App {
             device,
             certificate,
         })
+    }
+
+    /// Records (and notifies the site's admins of) a device that enrolled
+    /// with the serial number of another active device without proving it
+    /// is that device: a takeover attempt, or a reinstall that lost its
+    /// identity. Both stay enrolled; an admin unenrolls the wrong one.
+    fn duplicate_serial_alert(
+        &self,
+        site: &crate::model::Site,
+        device: &Device,
+        other_id: &str,
+        source: IpAddr,
+    ) -> Result<()> {
+        let now = now_millis();
+        let alert = crate::model::Alert {
+            alert_id: crate::model::time_ordered_id(),
+            site_id: site.site_id.clone(),
+            kind: crate::model::AlertKind::DuplicateDeviceSerial,
+            created_at: now,
+            details: format!(
+                "Device {} (user {}) enrolled in site {} ({}) from {source} with the serial number of the active device {other_id}, without proving it is that device. Both stay enrolled; unenroll the one that is not genuine.",
+                device.device_id, device.user_email, site.display_name, site.site_id
+            ),
+            failed_attempts: 0,
+            source_addresses: vec![source.to_string()],
+        };
+        let notifications = self.alert_notifications(
+            site,
+            &alert,
+            format!(
+                "Security alert: a device claims another device's serial number ({})",
+                site.display_name
+            ),
+        );
+        self.storage.put_alert(&alert, &notifications)?;
+        tracing::warn!(
+            site_id = %site.site_id,
+            device_id = %device.device_id,
+            other_device_id = other_id,
+            "a device enrolled with the serial number of an active device"
+        );
+        let _ = self.alerts.send(alert);
+        self.wake_outbox();
+        Ok(())
     }
 
     /// Issues a fresh certificate for a new CSR of an enrolled device.

@@ -4,6 +4,7 @@
 
 pub mod admin_cli;
 pub mod admins;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod commands;

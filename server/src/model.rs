@@ -198,6 +198,7 @@ impl CompanyPasscodeInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AlertKind {
     CompanyPasscodeLockedOut,
+    DuplicateDeviceSerial,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

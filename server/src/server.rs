@@ -171,8 +171,9 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         admin,
     );
-    let enrollment = EnrollmentServiceServer::new(api::EnrollmentApi::new(app.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let enrollment =
+        EnrollmentServiceServer::new(api::EnrollmentApi::new(app.clone(), device_auth.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agent = InterceptedService::new(
         AgentServiceServer::new(api::AgentApi::new(
             app.clone(),

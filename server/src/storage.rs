@@ -155,6 +155,16 @@ fn with_site_tag(id: uuid::Uuid, site_id: &str) -> String {
     uuid::Uuid::from_bytes(bytes).to_string()
 }
 
+/// What storing an enrolled device did to the devices before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    New,
+    /// The client proved it is this device, now `REPLACED`.
+    Replacing(String),
+    /// This active device of the site has the same serial number and stays.
+    AlongsideSameSerial(String),
+}
+
 /// A new action id for a record of `site_id`: a UUID v7 (time-ordered,
 /// unique within the process by uuid's counter) that ends with the site's
 /// tag, so the id alone locates the record.
@@ -912,32 +922,49 @@ impl Storage {
 
     // ---- devices ----
 
-    /// Stores a newly enrolled device. An active device with the same serial
-    /// number in the same site is marked replaced by it; returns its id.
-    pub fn enroll_device(&self, device: &mut Device) -> Result<Option<String>, StorageError> {
+    /// Stores a newly enrolled device. `proven` is the device the enrolling
+    /// client proved to be (by its current certificate): an active device of
+    /// the same site is marked replaced by the new one. A serial number alone
+    /// proves nothing, so an active device claiming it stays enrolled.
+    pub fn enroll_device(
+        &self,
+        device: &mut Device,
+        proven: Option<&str>,
+    ) -> Result<Enrolled, StorageError> {
         let _guard = hold(&self.devices_lock);
         let serial_key = key2(&device.site_id, &device.facts.serial_number);
-        let mut replaced = None;
-        if !device.facts.serial_number.is_empty()
-            && let Some(old_id) = self.device_serials.get(&serial_key)?
-        {
-            let old_id = String::from_utf8_lossy(&old_id).into_owned();
-            let _old_guard = hold_stripe(&self.device_locks, &old_id);
-            if let Some(mut old) = self.load_device(&old_id)?.map(Arc::unwrap_or_clone)
+        if let Some(old_id) = proven {
+            let _old_guard = hold_stripe(&self.device_locks, old_id);
+            if let Some(mut old) = self.load_device(old_id)?.map(Arc::unwrap_or_clone)
                 && old.status == DeviceStatus::Active
+                && old.site_id == device.site_id
             {
                 old.status = DeviceStatus::Replaced;
                 old.replaced_by_device_id = Some(device.device_id.clone());
-                device.replaces_device_id = Some(old_id.clone());
-                replaced = Some(old_id);
+                device.replaces_device_id = Some(old_id.to_owned());
                 self.site_devices
                     .insert(key2(&device.site_id, &device.device_id), &[])?;
                 self.put_device(device)?;
                 // The old record changes only once the new one exists.
                 self.put_device(&old)?;
-                self.device_serials
-                    .insert(serial_key, device.device_id.as_bytes())?;
-                return Ok(replaced);
+                if !device.facts.serial_number.is_empty() {
+                    self.device_serials
+                        .insert(serial_key, device.device_id.as_bytes())?;
+                }
+                return Ok(Enrolled::Replacing(old_id.to_owned()));
+            }
+        }
+        let mut duplicate_of = None;
+        if !device.facts.serial_number.is_empty()
+            && let Some(other_id) = self.device_serials.get(&serial_key)?
+        {
+            let other_id = String::from_utf8_lossy(&other_id).into_owned();
+            let _other_guard = hold_stripe(&self.device_locks, &other_id);
+            if self
+                .load_device(&other_id)?
+                .is_some_and(|other| other.status == DeviceStatus::Active)
+            {
+                duplicate_of = Some(other_id);
             }
         }
         self.site_devices
@@ -947,7 +974,24 @@ impl Storage {
             self.device_serials
                 .insert(serial_key, device.device_id.as_bytes())?;
         }
-        Ok(replaced)
+        Ok(match duplicate_of {
+            Some(other) => Enrolled::AlongsideSameSerial(other),
+            None => Enrolled::New,
+        })
+    }
+
+    /// Stores a security alert and the notifications it sends.
+    pub fn put_alert(
+        &self,
+        alert: &Alert,
+        notifications: &[Notification],
+    ) -> Result<(), StorageError> {
+        self.alerts
+            .insert(key2(&alert.site_id, &alert.alert_id), encode(alert))?;
+        for notification in notifications {
+            self.put_notification(notification)?;
+        }
+        Ok(())
     }
 
     /// A device as stored, shared with the cache (callers only read it).
@@ -1711,7 +1755,7 @@ mod tests {
         let path = temp.path().join("db");
         let storage = Storage::create(&path).expect("create");
         let mut first = test_device("dv_1", "S9");
-        storage.enroll_device(&mut first).expect("enroll");
+        storage.enroll_device(&mut first, None).expect("enroll");
         assert_eq!(
             storage.get_device("dv_1").expect("get").as_deref(),
             Some(&first)
@@ -1729,11 +1773,23 @@ mod tests {
                 .map(|d| d.user_email.clone()),
             Some("b@example.com".into())
         );
-        // The same hardware enrolling again replaces the cached record too.
+        // A serial number alone replaces nothing.
+        let mut claimant = test_device("dv_3", "S9");
+        assert_eq!(
+            storage.enroll_device(&mut claimant, None).expect("enroll"),
+            Enrolled::AlongsideSameSerial("dv_1".into())
+        );
+        assert_eq!(
+            storage.get_device("dv_1").expect("get").map(|d| d.status),
+            Some(DeviceStatus::Active)
+        );
+        // The same device, proven, enrolling again replaces the cached record too.
         let mut second = test_device("dv_2", "S9");
         assert_eq!(
-            storage.enroll_device(&mut second).expect("enroll"),
-            Some("dv_1".into())
+            storage
+                .enroll_device(&mut second, Some("dv_1"))
+                .expect("enroll"),
+            Enrolled::Replacing("dv_1".into())
         );
         let replaced = storage.get_device("dv_1").expect("get").expect("kept");
         assert_eq!(replaced.status, DeviceStatus::Replaced);

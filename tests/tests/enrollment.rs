@@ -543,27 +543,107 @@ async fn bad_csrs_and_oversized_requests_are_refused_and_nothing_is_stored() {
     assert!(enrolled.renew_after.unwrap().seconds < enrolled.expires_at.unwrap().seconds);
 }
 
+/// Alerts of `site_id`, as the owner.
+async fn alerts(server: &TestServer, site_id: &str) -> Vec<pb::Alert> {
+    pb::action_log_service_client::ActionLogServiceClient::new(
+        server.admin_channel(&server.owner()).await,
+    )
+    .list_alerts(pb::ListAlertsRequest {
+        site_id: site_id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .alerts
+}
+
 #[tokio::test]
-async fn re_enrolling_the_same_hardware_replaces_the_old_record() {
+async fn a_serial_number_alone_takes_over_nothing_and_raises_an_alert() {
     let server = TestServer::start().await;
-    let (_, passcode) = site_with_passcode(&server, "fay@example.com", 0).await;
-    let first = TestAgent::new();
+    let (site_id, passcode) = site_with_passcode(&server, "fay@example.com", 0).await;
+    pb::user_service_client::UserServiceClient::new(server.admin_channel(&server.owner()).await)
+        .create_user(pb::CreateUserRequest {
+            site_id: site_id.clone(),
+            email: "mal@example.com".into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap();
+    let victim = TestAgent::new();
     assert!(
-        first
+        victim
             .enroll(&server, "fay@example.com", &passcode)
             .await
             .status
             .success()
     );
-    let second = TestAgent::same_hardware_as(&first);
+    // Someone else with the company passcode claims the victim's serial,
+    // under their own email and under the victim's.
+    for email in ["mal@example.com", "fay@example.com"] {
+        let claimant = TestAgent::same_hardware_as(&victim);
+        assert!(
+            claimant
+                .enroll(&server, email, &passcode)
+                .await
+                .status
+                .success()
+        );
+        let claimed = get_device(&server, &claimant.device_id()).await;
+        assert_eq!(claimed.status(), pb::DeviceStatus::Active);
+        assert_eq!(claimed.replaces_device_id, "");
+    }
+
+    let victim_id = victim.device_id();
+    let kept = get_device(&server, &victim_id).await;
+    assert_eq!(kept.status(), pb::DeviceStatus::Active, "taken over");
+    // Past authentication (an empty CSR is refused as such, not the caller).
+    let status = AgentServiceClient::new(device_channel(&server, &victim).await)
+        .renew_certificate(pb::RenewCertificateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let alerts = alerts(&server, &site_id).await;
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
     assert!(
-        second
+        alerts
+            .iter()
+            .all(|a| a.kind() == pb::AlertKind::DuplicateDeviceSerial)
+    );
+    // Newest first: the first claim names the victim's device.
+    assert!(
+        alerts[1].details.contains(&victim_id),
+        "{}",
+        alerts[1].details
+    );
+}
+
+#[tokio::test]
+async fn re_enrolling_with_the_current_identity_replaces_the_old_record() {
+    let server = TestServer::start().await;
+    let (site_id, passcode) = site_with_passcode(&server, "fay@example.com", 0).await;
+    let agent = TestAgent::new();
+    assert!(
+        agent
             .enroll(&server, "fay@example.com", &passcode)
             .await
             .status
             .success()
     );
-    let (old_id, new_id) = (first.device_id(), second.device_id());
+    let old_id = agent.device_id();
+    let old_cert = std::fs::read_to_string(agent.state_dir.join("device.crt")).unwrap();
+    let old_key = std::fs::read_to_string(agent.state_dir.join("device.key")).unwrap();
+    let again = agent
+        .enroll_with(
+            &server,
+            "fay@example.com",
+            &passcode,
+            &["--backend", "simulated", "--force"],
+        )
+        .await;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let new_id = agent.device_id();
     assert_ne!(old_id, new_id);
 
     let old = get_device(&server, &old_id).await;
@@ -571,8 +651,9 @@ async fn re_enrolling_the_same_hardware_replaces_the_old_record() {
     let new = get_device(&server, &new_id).await;
     assert_eq!(new.status(), pb::DeviceStatus::Active);
     assert_eq!(new.replaces_device_id, old_id);
+    assert!(alerts(&server, &site_id).await.is_empty());
 
-    let status = AgentServiceClient::new(device_channel(&server, &first).await)
+    let status = AgentServiceClient::new(server.channel(Some((&old_cert, &old_key))).await)
         .renew_certificate(pb::RenewCertificateRequest::default())
         .await
         .unwrap_err();

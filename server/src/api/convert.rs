@@ -116,6 +116,7 @@ pub fn passcode_info(info: CompanyPasscodeInfo) -> pb::CompanyPasscodeInfo {
 pub fn alert(alert: Alert) -> pb::Alert {
     let kind = match alert.kind {
         AlertKind::CompanyPasscodeLockedOut => pb::AlertKind::CompanyPasscodeLockedOut,
+        AlertKind::DuplicateDeviceSerial => pb::AlertKind::DuplicateDeviceSerial,
     };
     pb::Alert {
         alert_id: alert.alert_id,

@@ -13,17 +13,19 @@ use zeroize::Zeroizing;
 use super::convert::{self, timestamp};
 use crate::app::App;
 use crate::devices::{EnrollError, EnrollRequest};
+use crate::identity::DeviceAuthenticator;
 
 pub const REFUSED: &str = "enrollment refused";
 
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi {
     app: Arc<App>,
+    devices: DeviceAuthenticator,
 }
 
 impl EnrollmentApi {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
+    pub fn new(app: Arc<App>, devices: DeviceAuthenticator) -> Self {
+        Self { app, devices }
     }
 }
 
@@ -41,6 +43,13 @@ impl EnrollmentService for EnrollmentApi {
         let source = request
             .remote_addr()
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        // A client may prove it is an enrolled device (to re-enroll it in
+        // place) by presenting that device's current certificate.
+        let proven_device = request
+            .peer_certs()
+            .and_then(|chain| chain.first().map(|leaf| leaf.as_ref().to_vec()))
+            .and_then(|leaf| self.devices.authenticate_der(&leaf).ok())
+            .map(|device| device.device_id);
         let request = request.into_inner();
         // Moved into a zeroizing buffer at once; the proto string is dropped with the request.
         let company_passcode = Zeroizing::new(request.company_passcode);
@@ -59,6 +68,7 @@ impl EnrollmentService for EnrollmentApi {
                 csr_pem: request.csr_pem,
                 facts,
                 source,
+                proven_device,
             })
             .await;
         match enrollment {
