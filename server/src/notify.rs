@@ -6,7 +6,7 @@
 //! destination (the mail relay; each site's webhook) and per attempt, so a
 //! receiver that hangs holds up its own site only.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +159,10 @@ const MAX_WEBHOOKS_IN_FLIGHT: usize = 24;
 const PER_WEBHOOK: usize = 2;
 /// Deliveries in flight at once to the mail relay (or the `.eml` directory).
 const PER_MAIL_SINK: usize = 8;
+/// The outbox is read at least this often, for retries that came due.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// And at most this often on wake-ups.
+const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
 /// How long deliveries in flight may finish after a stop; the others are
 /// cut off and stay pending (delivered again after the restart).
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -292,18 +296,31 @@ impl Outbox {
         })
     }
 
-    /// Delivers until `stop` turns true: due notifications are started on
-    /// every wake-up, once a second, and whenever a delivery ends, each
-    /// delivery in its own task within the bounds above.
+    /// Delivers until `stop` turns true. The pending notifications are read
+    /// on a wake-up (at most once per [`MIN_SCAN_GAP`], so a burst of queued
+    /// mail costs one read) and once a second; whenever a delivery ends, the
+    /// next due ones from the last read are started within the bounds.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut flight = InFlight::default();
+        let mut backlog = VecDeque::new();
+        let mut last_scan = tokio::time::Instant::now();
+        let mut scan = true;
+        let mut woken = false;
         loop {
-            if let Err(error) = self.start_due(&mut flight) {
-                tracing::error!(%error, "outbox delivery round failed");
+            if scan {
+                match self.due(&flight) {
+                    Ok(due) => backlog = due,
+                    Err(error) => tracing::error!(%error, "cannot read the outbox"),
+                }
+                last_scan = tokio::time::Instant::now();
+                scan = false;
+                woken = false;
             }
+            self.start_from(&mut backlog, &mut flight);
+            let next_scan = last_scan + if woken { MIN_SCAN_GAP } else { SCAN_EVERY };
             tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.wake.notified(), if !woken => woken = true,
+                () = tokio::time::sleep_until(next_scan) => scan = true,
                 Some(done) = flight.tasks.join_next_with_id(), if !flight.tasks.is_empty() => {
                     self.finished(&mut flight, done);
                     while let Some(done) = flight.tasks.try_join_next_with_id() {
@@ -322,24 +339,41 @@ impl Outbox {
         flight.tasks.shutdown().await;
     }
 
-    fn start_due(&self, flight: &mut InFlight) -> crate::error::Result<()> {
-        if flight.tasks.len() >= MAX_IN_FLIGHT {
-            return Ok(());
-        }
+    /// The notifications due now and not in flight, oldest first. Only this
+    /// loop changes a notification once queued, so the list stays true
+    /// until its entries are started.
+    fn due(&self, flight: &InFlight) -> crate::error::Result<VecDeque<Notification>> {
         let now = now_millis();
-        for notification in self.deliverer.app.storage().pending_notifications()? {
-            if notification.next_attempt_at > now
-                || flight.ids.contains(&notification.notification_id)
-                || !flight.has_room(&Destination::of(&notification))
-            {
-                continue;
-            }
-            flight.start(&self.deliverer, notification);
+        Ok(self
+            .deliverer
+            .app
+            .storage()
+            .pending_notifications()?
+            .into_iter()
+            .filter(|n| n.next_attempt_at <= now && !flight.ids.contains(&n.notification_id))
+            .collect())
+    }
+
+    /// Starts what the bounds allow from `backlog`, oldest first; the rest
+    /// waits there for a delivery to end.
+    fn start_from(&self, backlog: &mut VecDeque<Notification>, flight: &mut InFlight) {
+        let mut waiting = VecDeque::new();
+        while let Some(notification) = backlog.pop_front() {
             if flight.tasks.len() >= MAX_IN_FLIGHT {
+                backlog.push_front(notification);
                 break;
             }
+            if flight.ids.contains(&notification.notification_id) {
+                continue;
+            }
+            if flight.has_room(&Destination::of(&notification)) {
+                flight.start(&self.deliverer, notification);
+            } else {
+                waiting.push_back(notification);
+            }
         }
-        Ok(())
+        waiting.append(backlog);
+        *backlog = waiting;
     }
 
     fn finished(&self, flight: &mut InFlight, done: Finished) {
