@@ -198,6 +198,23 @@ async fn set_webhook_refuses_internal_hosts_naming_the_rule_and_the_flag() {
             status.message()
         );
     }
+    // What an admin's script sees through grpcurl.
+    let request =
+        format!(r#"{{"siteId": "{site_id}", "url": "https://169.254.169.254/latest/meta-data/"}}"#);
+    let out = server
+        .grpcurl(
+            Some(&server.owner()),
+            &["-d", &request, "mdm.v1.SiteService/SetWebhook"],
+        )
+        .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("InvalidArgument")
+            && stderr.contains("link-local")
+            && stderr.contains(FLAG),
+        "{stderr}"
+    );
     // What the C resolver would read as 127.0.0.1.
     for url in ["https://2130706433/hook", "https://127.1/hook"] {
         let status = set_webhook(&server, &site_id, url).await.unwrap_err();
