@@ -39,6 +39,8 @@ pub struct App {
     pub(crate) secrets: crate::crypto::SecretBox,
     /// Every change of an action, for `WatchActions`.
     pub(crate) action_updates: broadcast::Sender<crate::model::Action>,
+    /// Where webhooks may connect.
+    pub(crate) webhook_policy: crate::destination::Policy,
 }
 
 impl App {
@@ -63,6 +65,10 @@ impl App {
             action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
             secrets: crate::crypto::SecretBox::new(&keys.derive("reset-passcode/v1")),
             outbox_wake: Arc::default(),
+            webhook_policy: crate::destination::Policy {
+                allow_private: config.webhook_allow_private_networks,
+                hosts: config.webhook_hosts.clone(),
+            },
         }
     }
 

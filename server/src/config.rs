@@ -104,6 +104,18 @@ pub struct ServeArgs {
     /// PEM CA certificate of the relay, if it is not publicly trusted.
     #[arg(long, env = "MDM_SMTP_CA", value_name = "FILE")]
     pub smtp_ca: Option<PathBuf>,
+    /// Let webhooks reach loopback, private, link-local and other internal
+    /// addresses (labs and tests only) [default: false].
+    #[arg(
+        long,
+        env = "MDM_WEBHOOK_ALLOW_PRIVATE_NETWORKS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub webhook_allow_private_networks: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +186,11 @@ pub struct Config {
     /// Per source address: TLS handshakes in progress, and open connections
     /// without a client certificate (each counted separately).
     pub connections_per_source: usize,
+    /// Webhooks may reach internal addresses (off outside labs and tests).
+    pub webhook_allow_private_networks: bool,
+    /// Fixed addresses for webhook host names (lower case), used instead of
+    /// DNS and checked like DNS answers; for tests and embedders.
+    pub webhook_hosts: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
@@ -234,6 +251,8 @@ impl Config {
             smtp: None,
             outbox_retry: Default::default(),
             connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
+            webhook_allow_private_networks: false,
+            webhook_hosts: Default::default(),
         }
     }
 }
@@ -254,6 +273,7 @@ pub struct FileConfig {
     device_cert_lifetime: Option<String>,
     heartbeat_interval: Option<String>,
     connections_per_source: Option<u32>,
+    webhook_allow_private_networks: Option<bool>,
     smtp: Option<FileSmtp>,
 }
 
@@ -428,6 +448,11 @@ pub fn resolve_with_file(
             }
             Some(n) => n as usize,
         },
+        webhook_allow_private_networks: args
+            .webhook_allow_private_networks
+            .or(file.webhook_allow_private_networks)
+            .unwrap_or(false),
+        webhook_hosts: Default::default(),
     })
 }
 
@@ -510,6 +535,40 @@ mod tests {
         assert!(error.0.contains("device_cert_lifetime"), "{error}");
         let error = resolve_text("heartbeat_interval = \"999999999999999d\"\n").unwrap_err();
         assert!(error.0.contains("heartbeat_interval"), "{error}");
+    }
+
+    #[test]
+    fn private_webhook_networks_are_off_unless_the_flag_or_the_file_says_so() {
+        let serve = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["mdm-server", "serve"].iter().chain(args)).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("not serve");
+            };
+            args
+        };
+        let resolved = |args: &ServeArgs, text: &str| {
+            resolve_with_file(None, args, parse_file_config(text, "test.toml").unwrap())
+                .unwrap()
+                .webhook_allow_private_networks
+        };
+        assert!(!resolved(&serve(&[]), ""));
+        assert!(resolved(&serve(&["--webhook-allow-private-networks"]), ""));
+        assert!(resolved(
+            &serve(&[]),
+            "webhook_allow_private_networks = true\n"
+        ));
+        assert!(!resolved(
+            &serve(&["--webhook-allow-private-networks=false"]),
+            "webhook_allow_private_networks = true\n"
+        ));
+        assert!(
+            Cli::try_parse_from([
+                "mdm-server",
+                "serve",
+                "--webhook-allow-private-networks=maybe"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

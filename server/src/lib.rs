@@ -12,6 +12,7 @@ pub mod company_passcode;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
+pub mod destination;
 pub mod devices;
 pub mod error;
 pub mod fsutil;

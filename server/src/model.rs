@@ -219,6 +219,9 @@ pub enum NotificationState {
     Failed,
 }
 
+/// Where a reset email's body shows the passcode, filled in at delivery.
+pub const PASSCODE_PLACEHOLDER: &str = "{passcode}";
+
 /// A message waiting in (or delivered from) the durable outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
@@ -233,6 +236,11 @@ pub struct Notification {
     /// the body at delivery, so the outbox never holds it in plaintext.
     #[serde(default)]
     pub passcode_of_action: Option<String>,
+    /// Byte offset in `body_text` of the one placeholder that gets the
+    /// passcode: text around it (a host name, an email) may hold the same
+    /// characters and must stay as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passcode_at: Option<usize>,
     pub state: NotificationState,
     pub attempts: u32,
     pub last_error: String,
@@ -259,6 +267,7 @@ impl Notification {
             subject,
             body_text,
             passcode_of_action: None,
+            passcode_at: None,
             state: NotificationState::Pending,
             attempts: 0,
             last_error: String::new(),

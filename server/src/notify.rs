@@ -2,8 +2,11 @@
 //! `.eml` files under `<data-dir>/outbox/mail/` so nothing is lost on a
 //! fresh install. Failed deliveries are retried with exponential backoff
 //! until the retry window closes; every attempt's error stays visible in
-//! `ListNotifications`.
+//! `ListNotifications`. Deliveries run concurrently, bounded overall, per
+//! destination (the mail relay; each site's webhook) and per attempt, so a
+//! receiver that hangs holds up its own site only.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +16,11 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
 use crate::app::App;
-use crate::model::{Millis, Notification, NotificationState, now_millis};
+use crate::model::{Millis, Notification, NotificationState, PASSCODE_PLACEHOLDER, now_millis};
 
 /// How the server talks to its mail relay.
 #[derive(Clone)]
@@ -63,6 +67,8 @@ pub struct RetryPolicy {
     pub max: Duration,
     /// After this long a notification is given up as failed.
     pub window: Duration,
+    /// One delivery attempt is cut off after this long.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -71,6 +77,7 @@ impl Default for RetryPolicy {
             first: Duration::from_secs(5),
             max: Duration::from_secs(600),
             window: Duration::from_secs(24 * 3600),
+            attempt_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -143,10 +150,61 @@ pub fn check_config(smtp: Option<&SmtpConfig>) -> Result<(), NotifyError> {
     sink(smtp, PathBuf::new()).map(|_| ())
 }
 
-/// The background deliverer of the outbox.
-pub struct Outbox {
+/// Deliveries in flight at once, over every destination.
+const MAX_IN_FLIGHT: usize = 32;
+/// Webhook deliveries in flight at once, over every site; the rest of
+/// [`MAX_IN_FLIGHT`] is always there for mail.
+const MAX_WEBHOOKS_IN_FLIGHT: usize = 24;
+/// Deliveries in flight at once to one site's webhook receiver.
+const PER_WEBHOOK: usize = 2;
+/// Deliveries in flight at once to the mail relay (or the `.eml` directory).
+const PER_MAIL_SINK: usize = 8;
+/// The outbox is read at least this often, for retries that came due.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// And at most this often on wake-ups.
+const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
+/// How long deliveries in flight may finish after a stop; the others are
+/// cut off and stay pending (delivered again after the restart).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Where a notification goes, for the per-destination bound. Each site's
+/// webhook is its own destination (also when two sites share a host), so
+/// a receiver that hangs holds up its own site only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Destination {
+    Mail,
+    Webhook { site_id: String },
+}
+
+impl Destination {
+    fn of(notification: &Notification) -> Self {
+        if notification.channel == "webhook" {
+            Destination::Webhook {
+                site_id: notification.site_id.clone(),
+            }
+        } else {
+            Destination::Mail
+        }
+    }
+
+    fn limit(&self) -> usize {
+        match self {
+            Destination::Mail => PER_MAIL_SINK,
+            Destination::Webhook { .. } => PER_WEBHOOK,
+        }
+    }
+}
+
+/// What the deliverer's tasks share.
+struct Deliverer {
     app: Arc<App>,
     sink: Sink,
+    attempt_timeout: Duration,
+}
+
+/// The background deliverer of the outbox.
+pub struct Outbox {
+    deliverer: Arc<Deliverer>,
     retry: RetryPolicy,
     wake: Arc<Notify>,
 }
@@ -156,6 +214,59 @@ impl std::fmt::Debug for Outbox {
         f.write_str("Outbox")
     }
 }
+
+/// The deliveries in flight, owned by the run loop alone: a notification
+/// is started only when it is not in flight, and its outcome is recorded
+/// by the same loop before the next scan, so it is never delivered twice
+/// at once.
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<Result<(), String>>,
+    started: HashMap<tokio::task::Id, (Notification, Destination)>,
+    ids: HashSet<String>,
+    per_destination: HashMap<Destination, usize>,
+    webhooks: usize,
+}
+
+impl InFlight {
+    fn has_room(&self, destination: &Destination) -> bool {
+        let here = self.per_destination.get(destination).copied().unwrap_or(0);
+        let class_full = matches!(destination, Destination::Webhook { .. })
+            && self.webhooks >= MAX_WEBHOOKS_IN_FLIGHT;
+        self.tasks.len() < MAX_IN_FLIGHT && here < destination.limit() && !class_full
+    }
+
+    fn start(&mut self, deliverer: &Arc<Deliverer>, notification: Notification) {
+        let destination = Destination::of(&notification);
+        *self.per_destination.entry(destination.clone()).or_default() += 1;
+        if matches!(destination, Destination::Webhook { .. }) {
+            self.webhooks += 1;
+        }
+        self.ids.insert(notification.notification_id.clone());
+        let deliverer = deliverer.clone();
+        let n = notification.clone();
+        let task = self.tasks.spawn(async move { deliverer.attempt(&n).await });
+        self.started.insert(task.id(), (notification, destination));
+    }
+
+    /// Forgets a finished task; returns what it was delivering.
+    fn finish(&mut self, id: tokio::task::Id) -> Option<Notification> {
+        let (notification, destination) = self.started.remove(&id)?;
+        self.ids.remove(&notification.notification_id);
+        if let Some(count) = self.per_destination.get_mut(&destination) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_destination.remove(&destination);
+            }
+        }
+        if matches!(destination, Destination::Webhook { .. }) {
+            self.webhooks -= 1;
+        }
+        Some(notification)
+    }
+}
+
+type Finished = Result<(tokio::task::Id, Result<(), String>), tokio::task::JoinError>;
 
 impl Outbox {
     pub fn new(
@@ -175,64 +286,173 @@ impl Outbox {
         }
         let wake = app.outbox_wake.clone();
         Ok(Self {
-            app,
-            sink,
+            deliverer: Arc::new(Deliverer {
+                app,
+                sink,
+                attempt_timeout: retry.attempt_timeout,
+            }),
             retry,
             wake,
         })
     }
 
-    /// Delivers until `stop` turns true: on every wake-up and once a second.
+    /// Delivers until `stop` turns true. The pending notifications are read
+    /// on a wake-up (at most once per [`MIN_SCAN_GAP`], so a burst of queued
+    /// mail costs one read) and once a second; whenever a delivery ends, the
+    /// next due ones from the last read are started within the bounds.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut flight = InFlight::default();
+        let mut backlog = VecDeque::new();
+        let mut last_scan = tokio::time::Instant::now();
+        let mut scan = true;
+        let mut woken = false;
         loop {
-            if let Err(error) = self.deliver_due().await {
-                tracing::error!(%error, "outbox delivery round failed");
+            if scan {
+                match self.due(&flight) {
+                    Ok(due) => backlog = due,
+                    Err(error) => tracing::error!(%error, "cannot read the outbox"),
+                }
+                last_scan = tokio::time::Instant::now();
+                scan = false;
+                woken = false;
             }
+            self.start_from(&mut backlog, &mut flight);
+            let next_scan = last_scan + if woken { MIN_SCAN_GAP } else { SCAN_EVERY };
             tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = crate::tls::stopped(&mut stop) => return,
+                () = self.wake.notified(), if !woken => woken = true,
+                () = tokio::time::sleep_until(next_scan) => scan = true,
+                Some(done) = flight.tasks.join_next_with_id(), if !flight.tasks.is_empty() => {
+                    self.finished(&mut flight, done);
+                    while let Some(done) = flight.tasks.try_join_next_with_id() {
+                        self.finished(&mut flight, done);
+                    }
+                }
+                () = crate::tls::stopped(&mut stop) => break,
             }
+        }
+        let _ = tokio::time::timeout(STOP_GRACE, async {
+            while let Some(done) = flight.tasks.join_next_with_id().await {
+                self.finished(&mut flight, done);
+            }
+        })
+        .await;
+        flight.tasks.shutdown().await;
+    }
+
+    /// The notifications due now and not in flight, oldest first. Only this
+    /// loop changes a notification once queued, so the list stays true
+    /// until its entries are started.
+    fn due(&self, flight: &InFlight) -> crate::error::Result<VecDeque<Notification>> {
+        let now = now_millis();
+        Ok(self
+            .deliverer
+            .app
+            .storage()
+            .pending_notifications()?
+            .into_iter()
+            .filter(|n| n.next_attempt_at <= now && !flight.ids.contains(&n.notification_id))
+            .collect())
+    }
+
+    /// Starts what the bounds allow from `backlog`, oldest first; the rest
+    /// waits there for a delivery to end.
+    fn start_from(&self, backlog: &mut VecDeque<Notification>, flight: &mut InFlight) {
+        let mut waiting = VecDeque::new();
+        while let Some(notification) = backlog.pop_front() {
+            if flight.tasks.len() >= MAX_IN_FLIGHT {
+                backlog.push_front(notification);
+                break;
+            }
+            if flight.ids.contains(&notification.notification_id) {
+                continue;
+            }
+            if flight.has_room(&Destination::of(&notification)) {
+                flight.start(&self.deliverer, notification);
+            } else {
+                waiting.push_back(notification);
+            }
+        }
+        waiting.append(backlog);
+        *backlog = waiting;
+    }
+
+    fn finished(&self, flight: &mut InFlight, done: Finished) {
+        let (id, outcome) = match done {
+            Ok((id, outcome)) => (id, outcome),
+            Err(error) => {
+                tracing::error!(%error, "a notification delivery task failed");
+                (
+                    error.id(),
+                    Err("the delivery failed unexpectedly".to_owned()),
+                )
+            }
+        };
+        let Some(notification) = flight.finish(id) else {
+            return;
+        };
+        if let Err(error) = self.record(notification, outcome) {
+            tracing::error!(%error, "cannot record a notification's delivery");
         }
     }
 
-    async fn deliver_due(&self) -> crate::error::Result<()> {
+    /// Records one attempt: delivered, or the error and the next attempt
+    /// (doubling, capped) until the retry window closes.
+    fn record(
+        &self,
+        notification: Notification,
+        outcome: Result<(), String>,
+    ) -> crate::error::Result<()> {
+        let mut updated = notification;
+        updated.attempts += 1;
         let now = now_millis();
-        for notification in self.app.storage().pending_notifications()? {
-            if notification.next_attempt_at > now {
-                continue;
+        match outcome {
+            Ok(()) => {
+                updated.state = NotificationState::Delivered;
+                updated.delivered_at = Some(now);
+                updated.last_error.clear();
+                tracing::info!(id = %updated.notification_id, recipient = %updated.recipient, "notification delivered");
             }
-            let outcome = self.deliver(&notification).await;
-            let mut updated = notification.clone();
-            updated.attempts += 1;
-            let now = now_millis();
-            match outcome {
-                Ok(()) => {
-                    updated.state = NotificationState::Delivered;
-                    updated.delivered_at = Some(now);
-                    updated.last_error.clear();
-                    tracing::info!(id = %updated.notification_id, recipient = %updated.recipient, "notification delivered");
-                }
-                Err(error) => {
-                    updated.last_error = error.chars().take(500).collect();
-                    let exponent = updated.attempts.saturating_sub(1).min(20);
-                    let wait = self
-                        .retry
-                        .first
-                        .saturating_mul(1 << exponent)
-                        .min(self.retry.max);
-                    updated.next_attempt_at = now + millis(wait);
-                    if now - updated.created_at > millis(self.retry.window) {
-                        updated.state = NotificationState::Failed;
-                        tracing::error!(id = %updated.notification_id, error = %updated.last_error, "notification given up");
-                    } else {
-                        tracing::warn!(id = %updated.notification_id, error = %updated.last_error, retry_in = ?wait, "notification not delivered; will retry");
-                    }
+            Err(error) => {
+                updated.last_error = error.chars().take(500).collect();
+                let exponent = updated.attempts.saturating_sub(1).min(20);
+                let wait = self
+                    .retry
+                    .first
+                    .saturating_mul(1 << exponent)
+                    .min(self.retry.max);
+                updated.next_attempt_at = now + millis(wait);
+                if now - updated.created_at > millis(self.retry.window) {
+                    updated.state = NotificationState::Failed;
+                    tracing::error!(id = %updated.notification_id, error = %updated.last_error, "notification given up");
+                } else {
+                    tracing::warn!(id = %updated.notification_id, error = %updated.last_error, retry_in = ?wait, "notification not delivered; will retry");
                 }
             }
-            self.app.storage().put_notification(&updated)?;
         }
+        self.deliverer.app.storage().put_notification(&updated)?;
         Ok(())
+    }
+}
+
+impl Deliverer {
+    /// One attempt, cut off after the attempt timeout.
+    async fn attempt(&self, notification: &Notification) -> Result<(), String> {
+        match tokio::time::timeout(self.attempt_timeout, self.deliver(notification)).await {
+            Ok(outcome) => outcome,
+            Err(_) if notification.channel == "webhook" => {
+                tracing::warn!(
+                    id = %notification.notification_id,
+                    site_id = %notification.site_id,
+                    timeout = ?self.attempt_timeout,
+                    "the webhook receiver did not answer in time"
+                );
+                Err(crate::destination::Unreachable::GENERIC.to_owned())
+            }
+            Err(_) => Err(format!(
+                "the mail relay did not finish within {} s",
+                self.attempt_timeout.as_secs()
+            )),
+        }
     }
 
     async fn deliver(&self, notification: &Notification) -> Result<(), String> {
@@ -272,8 +492,9 @@ impl Outbox {
         }
     }
 
-    /// The body with the reset passcode filled in where the notification
-    /// refers to one.
+    /// The body with the reset passcode in the one place the notification
+    /// marks for it. Any other `{passcode}` in the text (a device's host
+    /// name, a user's email) stays as it is.
     fn render(&self, notification: &Notification) -> Result<Zeroizing<String>, String> {
         let Some(action_id) = &notification.passcode_of_action else {
             return Ok(Zeroizing::new(notification.body_text.clone()));
@@ -286,10 +507,33 @@ impl Outbox {
             .app
             .command_passcode(&action)
             .ok_or("the reset passcode cannot be unsealed")?;
-        Ok(Zeroizing::new(
-            notification.body_text.replace("{passcode}", &passcode),
-        ))
+        fill_passcode(notification, &passcode)
+            .ok_or_else(|| "the reset email has no place for the passcode".to_owned())
     }
+}
+
+/// `body_text` with `passcode` in place of the placeholder at
+/// `passcode_at`. Records written before `passcode_at` existed have their
+/// one real placeholder last: only server-made text (the action id)
+/// follows it in that template.
+pub(crate) fn fill_passcode(
+    notification: &Notification,
+    passcode: &str,
+) -> Option<Zeroizing<String>> {
+    let body = &notification.body_text;
+    let at = match notification.passcode_at {
+        Some(at) => at,
+        None => body.rfind(PASSCODE_PLACEHOLDER)?,
+    };
+    let end = at.checked_add(PASSCODE_PLACEHOLDER.len())?;
+    if body.get(at..end)? != PASSCODE_PLACEHOLDER {
+        return None;
+    }
+    let mut filled = Zeroizing::new(String::with_capacity(body.len() + passcode.len()));
+    filled.push_str(body.get(..at)?);
+    filled.push_str(passcode);
+    filled.push_str(body.get(end..)?);
+    Some(filled)
 }
 
 fn write_eml(

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionStatus, ActionType, AuditEntry, CommandPayload, Compliance, Device, DeviceStatus,
-    LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PasscodeComplexity, PasscodePolicy,
-    now_millis,
+    LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PASSCODE_PLACEHOLDER,
+    PasscodeComplexity, PasscodePolicy, now_millis,
 };
 
 const DIGITS: &[u8] = b"0123456789";
@@ -293,17 +293,24 @@ fn reset_email(
     } else {
         device.facts.hostname.clone()
     };
+    // Device and user text goes before the placeholder, whose position is
+    // recorded: the passcode is filled in there and nowhere else.
+    let before = format!(
+        "{admin} reset the passcode of device {name} ({}), used by {}.\n\nThe new passcode is: ",
+        device.device_id, device.user_email
+    );
+    let after = format!(
+        "\n\nThe device sets it and locks as soon as it is online. Follow the action {action_id} in the action log.\n"
+    );
     Notification {
         passcode_of_action: Some(action_id.to_owned()),
+        passcode_at: Some(before.len()),
         ..Notification::pending(
             &device.site_id,
             "email",
             recipient,
             format!("Device passcode reset: {name}"),
-            format!(
-                "{admin} reset the passcode of device {name} ({}), used by {}.\n\nThe new passcode is: {{passcode}}\n\nThe device sets it and locks as soon as it is online. Follow the action {action_id} in the action log.\n",
-                device.device_id, device.user_email
-            ),
+            format!("{before}{PASSCODE_PLACEHOLDER}{after}"),
             now,
         )
     }
@@ -311,6 +318,7 @@ fn reset_email(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn policy(complexity: PasscodeComplexity, min_length: u32) -> PasscodePolicy {
@@ -342,6 +350,68 @@ mod tests {
             assert!(complex.bytes().any(|b| b.is_ascii_lowercase()));
             assert!(complex.bytes().any(|b| b.is_ascii_uppercase()));
             assert!(complex.bytes().any(|b| SYMBOLS.contains(&b)));
+        }
+    }
+
+    fn device_named(hostname: &str, user_email: &str) -> Device {
+        Device {
+            device_id: "dv_1".into(),
+            site_id: "st_1".into(),
+            user_email: user_email.into(),
+            facts: crate::model::DeviceFacts {
+                platform: crate::model::Platform::Linux,
+                os_version: String::new(),
+                model: String::new(),
+                serial_number: "S".into(),
+                hostname: hostname.into(),
+                agent_version: String::new(),
+                capabilities: Vec::new(),
+            },
+            status: DeviceStatus::Active,
+            enrolled_at: 0,
+            last_seen: None,
+            certificates: Vec::new(),
+            replaces_device_id: None,
+            replaced_by_device_id: None,
+            security: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_passcode_goes_into_its_one_place_whatever_the_device_says() {
+        let device = device_named("x{passcode}y", "a{passcode}b@example.com");
+        let email = reset_email(
+            &device,
+            "ac_1",
+            "admin@example.com",
+            "r@example.com".into(),
+            0,
+        );
+        let body = crate::notify::fill_passcode(&email, "S3CRET").unwrap();
+        assert_eq!(body.matches("S3CRET").count(), 1, "{}", body.as_str());
+        assert!(body.contains("The new passcode is: S3CRET\n"));
+        assert!(body.contains("device x{passcode}y (dv_1)"));
+        assert!(body.contains("used by a{passcode}b@example.com."));
+        assert_eq!(email.subject, "Device passcode reset: x{passcode}y");
+
+        // A record queued before `passcode_at` existed: the last placeholder.
+        let legacy = Notification {
+            passcode_at: None,
+            ..email.clone()
+        };
+        assert_eq!(
+            crate::notify::fill_passcode(&legacy, "S3CRET")
+                .unwrap()
+                .as_str(),
+            body.as_str()
+        );
+        // A position that does not hold the placeholder fills nothing.
+        for at in [0, 1, email.body_text.len(), usize::MAX] {
+            let broken = Notification {
+                passcode_at: Some(at),
+                ..email.clone()
+            };
+            assert!(crate::notify::fill_passcode(&broken, "S3CRET").is_none());
         }
     }
 

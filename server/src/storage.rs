@@ -1871,6 +1871,7 @@ mod tests {
             subject: "s".into(),
             body_text: "b".into(),
             passcode_of_action: None,
+            passcode_at: None,
             state: NotificationState::Pending,
             attempts: 0,
             last_error: String::new(),

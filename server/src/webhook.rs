@@ -4,20 +4,21 @@
 //! The timestamp lets receivers refuse replays. Deliveries go through the
 //! outbox like emails, with the same retries.
 
-use std::time::Duration;
-
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::app::App;
+use crate::destination::{self, Policy, Unreachable};
 use crate::error::{Error, Result};
 use crate::model::{Action, Alert, Notification, Webhook, now_millis, time_ordered_id};
 
-/// Checks a webhook URL: https, or http to a receiver on this machine.
-pub fn validate_url(url: &str) -> Result<http::Uri> {
+/// Checks a webhook URL: https, or http to a receiver on this machine; and
+/// unless `policy` allows private networks, no host that names an internal
+/// address (names are resolved and checked again at every delivery).
+pub fn validate_url(url: &str, policy: &Policy) -> Result<http::Uri> {
     let uri: http::Uri = url
         .parse()
         .map_err(|_| Error::InvalidArgument(format!("url {url:?} is not a URL")))?;
@@ -26,17 +27,35 @@ pub fn validate_url(url: &str) -> Result<http::Uri> {
         .ok_or_else(|| Error::InvalidArgument(format!("url {url:?} has no host")))?
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    let loopback = host.eq_ignore_ascii_case("localhost") || ip.is_some_and(|ip| ip.is_loopback());
     match uri.scheme_str() {
-        Some("https") => Ok(uri),
-        Some("http") if loopback => Ok(uri),
-        _ => Err(Error::InvalidArgument(format!(
-            "url {url:?} must be https:// (plain http only for a receiver on this machine)"
-        ))),
+        Some("https") => {}
+        Some("http") if loopback => {}
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "url {url:?} must be https:// (plain http only for a receiver on this machine)"
+            )));
+        }
     }
+    if ip.is_none() && destination::is_numeric_host(host) {
+        return Err(Error::InvalidArgument(format!(
+            "url {url:?}: host {host:?} is neither a DNS name nor an IP address"
+        )));
+    }
+    if !policy.allow_private {
+        let reason = match ip {
+            Some(ip) => destination::internal_reason(ip),
+            None => destination::is_local_name(host).then_some("loopback"),
+        };
+        if let Some(reason) = reason {
+            return Err(Error::InvalidArgument(format!(
+                "url {url:?} points to {host}, a {reason} address: webhooks may not reach loopback, private, link-local or other internal networks (a server for a lab can allow them with {})",
+                destination::ALLOW_FLAG
+            )));
+        }
+    }
+    Ok(uri)
 }
 
 /// `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
@@ -116,7 +135,7 @@ impl App {
             site.webhook = None;
             None
         } else {
-            validate_url(url.trim())?;
+            validate_url(url.trim(), &self.webhook_policy)?;
             let secret = Zeroizing::new(hex::encode(crate::crypto::os_random::<32>()));
             site.webhook = Some(Webhook {
                 url: url.trim().to_owned(),
@@ -152,7 +171,9 @@ impl App {
         self.wake_outbox();
     }
 
-    /// Posts one webhook notification.
+    /// Posts one webhook notification. Every failure to reach the receiver
+    /// is reported with one generic reason (details go to the log), so the
+    /// error an admin sees cannot tell open ports from closed ones.
     pub(crate) async fn post_webhook(&self, n: &Notification) -> std::result::Result<(), String> {
         let site = self.site(&n.site_id).map_err(|e| e.to_string())?;
         let webhook = site.webhook.ok_or("the site no longer has a webhook")?;
@@ -162,14 +183,34 @@ impl App {
             .ok_or("the webhook secret cannot be unsealed")?;
         let body = n.body_text.clone().into_bytes();
         let signature = signature(&secret, now_millis() / 1000, &body);
-        let uri = validate_url(&n.recipient).map_err(|e| e.to_string())?;
-        tokio::time::timeout(Duration::from_secs(20), post(uri, body, signature))
-            .await
-            .map_err(|_| "the webhook receiver did not answer within 20 s".to_owned())?
+        let uri = validate_url(&n.recipient, &self.webhook_policy).map_err(|e| e.to_string())?;
+        match post(&self.webhook_policy, uri, body, signature).await {
+            Ok(status) if status.is_success() => Ok(()),
+            Ok(status) if status.is_redirection() => Err(format!(
+                "the webhook receiver answered {status}; redirects are not followed"
+            )),
+            Ok(status) => Err(format!("the webhook receiver answered {status}")),
+            Err(error) => {
+                tracing::warn!(
+                    notification_id = %n.notification_id,
+                    site_id = %n.site_id,
+                    %error,
+                    "webhook receiver not reached"
+                );
+                Err(Unreachable::GENERIC.to_owned())
+            }
+        }
     }
 }
 
-async fn post(uri: http::Uri, body: Vec<u8>, signature: String) -> std::result::Result<(), String> {
+/// Resolves the host once, checks every address, connects to one of exactly
+/// those addresses and posts. Never follows a redirect.
+async fn post(
+    policy: &Policy,
+    uri: http::Uri,
+    body: Vec<u8>,
+    signature: String,
+) -> std::result::Result<http::StatusCode, String> {
     let host = uri
         .host()
         .unwrap_or_default()
@@ -178,9 +219,22 @@ async fn post(uri: http::Uri, body: Vec<u8>, signature: String) -> std::result::
         .to_owned();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+    let addresses = policy
+        .resolve(&host, port)
         .await
         .map_err(|e| e.to_string())?;
+    let mut last_error = String::new();
+    let mut connected = None;
+    for address in addresses {
+        match tokio::net::TcpStream::connect(address).await {
+            Ok(tcp) => {
+                connected = Some(tcp);
+                break;
+            }
+            Err(error) => last_error = format!("connecting to {address}: {error}"),
+        }
+    }
+    let tcp = connected.ok_or(last_error)?;
     let request = http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(
             http::header::HOST,
@@ -190,7 +244,7 @@ async fn post(uri: http::Uri, body: Vec<u8>, signature: String) -> std::result::
         .header("X-MDM-Signature", signature)
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
-    let status = if https {
+    if https {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -206,17 +260,15 @@ async fn post(uri: http::Uri, body: Vec<u8>, signature: String) -> std::result::
             .connect(name, tcp)
             .await
             .map_err(|e| e.to_string())?;
-        send(hyper_util::rt::TokioIo::new(tls), request).await?
+        send(hyper_util::rt::TokioIo::new(tls), request).await
     } else {
-        send(hyper_util::rt::TokioIo::new(tcp), request).await?
-    };
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("the webhook receiver answered {status}"))
+        send(hyper_util::rt::TokioIo::new(tcp), request).await
     }
 }
 
+/// One request on its own connection. The connection is driven inside this
+/// future, so dropping it (the outbox's attempt timeout) closes the socket;
+/// the response body is not read (only its status counts).
 async fn send<T>(
     io: T,
     request: http::Request<Full<Bytes>>,
@@ -227,14 +279,20 @@ where
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let _ = response.into_body().collect().await;
-    Ok(status)
+    let response = sender.send_request(request);
+    tokio::pin!(response);
+    tokio::select! {
+        response = &mut response => response.map(|r| r.status()).map_err(|e| e.to_string()),
+        // A receiver that answers and closes ends the connection in the same
+        // poll that hands over the answer: it is there, or the request failed.
+        ended = connection => match response.await {
+            Ok(response) => Ok(response.status()),
+            Err(error) => Err(match ended {
+                Err(connection) => connection.to_string(),
+                Ok(()) => error.to_string(),
+            }),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -243,13 +301,62 @@ mod tests {
 
     #[test]
     fn urls_must_be_https_unless_loopback() {
-        assert!(validate_url("https://hooks.example.com/mdm").is_ok());
-        assert!(validate_url("http://127.0.0.1:9000/hook").is_ok());
-        assert!(validate_url("http://[::1]:9000/hook").is_ok());
-        assert!(validate_url("http://localhost/hook").is_ok());
-        assert!(validate_url("http://hooks.example.com/mdm").is_err());
-        assert!(validate_url("ftp://x/y").is_err());
-        assert!(validate_url("not a url").is_err());
+        let lab = Policy {
+            allow_private: true,
+            ..Policy::default()
+        };
+        assert!(validate_url("https://hooks.example.com/mdm", &lab).is_ok());
+        assert!(validate_url("http://127.0.0.1:9000/hook", &lab).is_ok());
+        assert!(validate_url("http://[::1]:9000/hook", &lab).is_ok());
+        assert!(validate_url("http://localhost/hook", &lab).is_ok());
+        assert!(validate_url("http://hooks.example.com/mdm", &lab).is_err());
+        assert!(validate_url("http://10.0.0.1/mdm", &lab).is_err());
+        assert!(validate_url("ftp://x/y", &lab).is_err());
+        assert!(validate_url("not a url", &lab).is_err());
+    }
+
+    #[test]
+    fn internal_hosts_are_refused_naming_the_rule_and_the_flag() {
+        let policy = Policy::default();
+        for url in [
+            "http://127.0.0.1:9000/hook",
+            "https://127.0.0.2/hook",
+            "https://[::1]/hook",
+            "https://localhost/hook",
+            "https://LocalHost./hook",
+            "https://api.localhost/hook",
+            "https://10.1.2.3/hook",
+            "https://172.16.0.1/hook",
+            "https://192.168.1.1/hook",
+            "https://169.254.169.254/latest/meta-data",
+            "https://100.64.0.1/hook",
+            "https://0.0.0.0/hook",
+            "https://[::]/hook",
+            "https://224.0.0.1/hook",
+            "https://[ff02::1]/hook",
+            "https://[fe80::1]/hook",
+            "https://[fc00::1]/hook",
+            "https://[::ffff:10.0.0.1]/hook",
+            "https://[::ffff:127.0.0.1]:8443/hook",
+            "https://[64:ff9b::a00:1]/hook",
+            "https://[2002:a00:1::1]/hook",
+        ] {
+            let Err(Error::InvalidArgument(message)) = validate_url(url, &policy) else {
+                panic!("{url} accepted");
+            };
+            assert!(message.contains(destination::ALLOW_FLAG), "{message}");
+            assert!(message.contains("internal networks"), "{message}");
+        }
+        for url in [
+            "https://2130706433/hook",
+            "https://127.1/hook",
+            "https://0x7f.1/",
+        ] {
+            assert!(validate_url(url, &policy).is_err(), "{url} accepted");
+        }
+        assert!(validate_url("https://hooks.example.com/mdm", &policy).is_ok());
+        assert!(validate_url("https://8.8.8.8/mdm", &policy).is_ok());
+        assert!(validate_url("https://[2606:4700:4700::1111]/mdm", &policy).is_ok());
     }
 
     #[test]

@@ -70,6 +70,18 @@ impl TestServer {
         server
     }
 
+    /// Starts a server on a fresh temp data dir whose webhooks may reach
+    /// receivers on loopback (`--webhook-allow-private-networks`), for
+    /// tests that run their receivers on this machine.
+    pub async fn start_allowing_private_webhooks() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut config = mdm_server::Config::for_data_dir(temp.path().join("data"));
+        config.webhook_allow_private_networks = true;
+        let mut server = Self::start_with(config).await.unwrap();
+        server._temp = Some(temp);
+        server
+    }
+
     /// A handle on a server running elsewhere (a [`ServerProcess`]), for its
     /// clients and helpers.
     pub fn attach(port: u16, data_dir: &Path) -> Self {

@@ -306,7 +306,7 @@ async fn webhook_receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<(Strin
 
 #[tokio::test]
 async fn a_webhook_receives_signed_alerts_and_action_changes() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_allowing_private_webhooks().await;
     let (site_id, _) = site_with_passcode(&server, "sam@example.com", 1).await;
     let mut sites = pb::site_service_client::SiteServiceClient::new(
         server.admin_channel(&server.owner()).await,
