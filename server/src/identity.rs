@@ -248,17 +248,27 @@ impl DeviceAuthenticator {
     }
 }
 
-/// Whether a leaf certificate (DER) is an identity that may use the server
-/// now: an unrevoked admin or a current certificate of an enrolled device.
-pub fn authorized(admins: &AdminAuthenticator, devices: &DeviceAuthenticator, der: &[u8]) -> bool {
-    let Ok(cert) = parse_cached(der) else {
-        return false;
+/// For a leaf certificate (DER) of an identity that may use the server now
+/// (an unrevoked admin, a current certificate of an enrolled device), a
+/// check of whether it still may, over the certificate parsed once.
+pub fn authorizer(
+    admins: &AdminAuthenticator,
+    devices: &DeviceAuthenticator,
+    der: &[u8],
+) -> Option<Arc<crate::tls::StillAuthorized>> {
+    let cert = parse_cached(der).ok()?;
+    let check: Arc<crate::tls::StillAuthorized> = match cert.unit.as_deref() {
+        Some(ADMIN_OU) => {
+            let admins = admins.clone();
+            Arc::new(move || admins.check(cert.clone()).is_ok())
+        }
+        Some(DEVICE_OU) => {
+            let devices = devices.clone();
+            Arc::new(move || devices.check(cert.clone()).is_ok())
+        }
+        _ => return None,
     };
-    match cert.unit.as_deref() {
-        Some(ADMIN_OU) => admins.check(cert).is_ok(),
-        Some(DEVICE_OU) => devices.check(cert).is_ok(),
-        _ => false,
-    }
+    check().then_some(check)
 }
 
 /// The identity an interceptor attached; its absence is a wiring bug, reported as such.

@@ -148,7 +148,7 @@ pub async fn run(
     let connections = Arc::new(tls::Connections::default());
     let authorize: Arc<tls::Authorize> = {
         let (admins, devices) = (admin_auth.clone(), device_auth.clone());
-        Arc::new(move |der: &[u8]| crate::identity::authorized(&admins, &devices, der))
+        Arc::new(move |der: &[u8]| crate::identity::authorizer(&admins, &devices, der))
     };
     let admin = admin_auth.interceptor();
     let site = InterceptedService::new(

@@ -137,10 +137,13 @@ impl Drop for SourceSlot {
     }
 }
 
-/// Whether a client certificate (leaf, DER) belongs to an identity that may
-/// use the server now: an unrevoked admin, or a current certificate of an
-/// enrolled device. Anything else counts like a connection without one.
-pub type Authorize = dyn Fn(&[u8]) -> bool + Send + Sync;
+/// For a client certificate (leaf, DER) of an identity that may use the
+/// server now (an unrevoked admin, a current certificate of an enrolled
+/// device), a check of whether that still holds; None for anything else,
+/// which counts like a connection without a certificate. The certificate is
+/// parsed once per connection, not at every check.
+pub type Authorize = dyn Fn(&[u8]) -> Option<Arc<StillAuthorized>> + Send + Sync;
+pub type StillAuthorized = dyn Fn() -> bool + Send + Sync;
 
 /// How often open connections with a certificate are checked again, so a
 /// revoked identity stops escaping the per-source limit.
@@ -153,13 +156,22 @@ pub struct Connections {
     open: Mutex<HashMap<SocketAddr, Arc<ConnectionEntry>>>,
 }
 
-#[derive(Debug)]
 struct ConnectionEntry {
     source: IpAddr,
-    certificate: Option<Vec<u8>>,
+    /// While set and true, the connection is not counted.
+    still_authorized: Option<Arc<StillAuthorized>>,
     closed: CancellationToken,
     /// A place in the source's pool of connections without a valid identity.
     slot: Mutex<Option<SourceSlot>>,
+}
+
+impl std::fmt::Debug for ConnectionEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionEntry")
+            .field("source", &self.source)
+            .field("authenticated", &self.still_authorized.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connections {
@@ -181,18 +193,18 @@ impl Connections {
 
     /// Counts every connection whose certificate is no longer authorized
     /// against its source's anonymous pool, closing it when that is full.
-    fn recheck(&self, limits: &Arc<SourceLimits>, authorize: &Authorize) {
+    fn recheck(&self, limits: &Arc<SourceLimits>) {
         let entries: Vec<(SocketAddr, Arc<ConnectionEntry>)> = self
             .lock()
             .iter()
             .map(|(peer, entry)| (*peer, entry.clone()))
             .collect();
         for (peer, entry) in entries {
-            let Some(certificate) = &entry.certificate else {
+            let Some(still_authorized) = &entry.still_authorized else {
                 continue;
             };
             let mut slot = entry.slot.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_some() || authorize(certificate) {
+            if slot.is_some() || still_authorized() {
                 continue;
             }
             match limits.acquire(entry.source, true) {
@@ -332,17 +344,27 @@ pub async fn accept_loop(
         connections,
         authorize,
     } = acceptance;
-    let mut recheck = tokio::time::interval(RECHECK_EVERY);
-    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let recheck = {
+        let (connections, limits, mut stop) = (connections.clone(), limits.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RECHECK_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stopped(&mut stop) => return,
+                    _ = every.tick() => {
+                        let (connections, limits) = (connections.clone(), limits.clone());
+                        // Device checks read storage.
+                        let _ = tokio::task::spawn_blocking(move || connections.recheck(&limits)).await;
+                    }
+                }
+            }
+        })
+    };
+    let _recheck = AbortOnDrop(recheck);
     loop {
         let (tcp, peer) = tokio::select! {
             () = stopped(&mut stop) => return,
-            _ = recheck.tick() => {
-                let (connections, limits, authorize) = (connections.clone(), limits.clone(), authorize.clone());
-                // Device checks read storage.
-                let _ = tokio::task::spawn_blocking(move || connections.recheck(&limits, &*authorize)).await;
-                continue;
-            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -371,14 +393,13 @@ pub async fn accept_loop(
             drop(handshake);
             match handshaken {
                 Ok(Ok(stream)) => {
-                    let certificate = stream
+                    let still_authorized = stream
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .map(|leaf| leaf.as_ref().to_vec());
-                    let authorized = certificate.as_deref().is_some_and(|der| authorize(der));
-                    let slot = if authorized {
+                        .and_then(|leaf| authorize(leaf.as_ref()));
+                    let slot = if still_authorized.is_some() {
                         None
                     } else {
                         match limits.acquire(peer.ip(), true) {
@@ -393,7 +414,7 @@ pub async fn accept_loop(
                     };
                     let entry = Arc::new(ConnectionEntry {
                         source: peer.ip(),
-                        certificate,
+                        still_authorized,
                         closed: CancellationToken::new(),
                         slot: Mutex::new(slot),
                     });
@@ -413,6 +434,15 @@ pub async fn accept_loop(
                 Err(_) => log_refused(peer, "handshake timed out"),
             }
         });
+    }
+}
+
+/// Aborts the task when the accept loop ends (also when it is aborted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
