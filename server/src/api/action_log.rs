@@ -161,6 +161,8 @@ impl ActionLogService for ActionLogApi {
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
         self.app.get_site(site_id)?;
+        // Lockouts are raised while counting failures, off the response path.
+        self.app.settle_failed_attempts().await;
         let page = self
             .app
             .storage()
@@ -216,6 +218,7 @@ impl ActionLogService for ActionLogApi {
             pb::NotificationState::Delivered => Some(NotificationState::Delivered),
             pb::NotificationState::Failed => Some(NotificationState::Failed),
         };
+        self.app.settle_failed_attempts().await;
         let page = self
             .app
             .storage()
