@@ -209,7 +209,7 @@ impl App {
     pub fn get_device(&self, device_id: &str) -> Result<std::sync::Arc<Device>> {
         self.storage
             .get_device(device_id)?
-            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))
+            .ok_or_else(|| Error::no_such("device", device_id))
     }
 
     pub fn is_online(&self, device_id: &str) -> bool {
@@ -262,7 +262,7 @@ impl App {
                 }
                 active
             })?
-            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))?;
+            .ok_or_else(|| Error::no_such("device", device_id))?;
         let now = now_millis();
         let mut action = Action::pending(
             crate::storage::new_action_id(&device.site_id),

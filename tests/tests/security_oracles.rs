@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use mdm_server::admins::Role;
 use mdm_tests::{TestServer, pb, site_with_passcode};
 use pb::enrollment_service_client::EnrollmentServiceClient;
 use tonic::Code;
@@ -92,4 +93,272 @@ async fn a_wrong_passcode_takes_as_long_for_a_known_email_as_for_an_unknown_one(
         medians[2].abs_diff(medians[1]) < tolerance,
         "the right passcode is told apart by time: {medians:?}"
     );
+}
+
+/// An id like `real` (same prefix, length and alphabet) that names nothing.
+fn look_alike(real: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let (prefix, body) = real.split_once('_').unwrap();
+    let body: String = body
+        .bytes()
+        .map(|_| char::from(ALPHABET[usize::from(rand::random::<u8>()) % ALPHABET.len()]))
+        .collect();
+    format!("{prefix}_{body}")
+}
+
+/// An action id like `real` (a UUID v7 with the same site tag) that names
+/// nothing: its random part is redrawn.
+fn look_alike_action(real: &str) -> String {
+    let hex = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(b"0123456789abcdef"[usize::from(rand::random::<u8>() % 16)]))
+            .collect()
+    };
+    // xxxxxxxx-xxxx-7xxx-yxxx-ttttxxxxxxxx: keep the version, variant and tag.
+    let parts: Vec<&str> = real.split('-').collect();
+    format!(
+        "{}-{}-7{}-{}{}-{}",
+        hex(8),
+        hex(4),
+        hex(3),
+        &parts[3][..1],
+        hex(3),
+        parts[4]
+    )
+}
+
+/// What a caller is told: the code and the message with the id it asked
+/// about taken out.
+fn answer(status: tonic::Status, id: &str) -> (Code, String) {
+    (status.code(), status.message().replace(id, "<id>"))
+}
+
+#[tokio::test]
+async fn a_site_admin_cannot_tell_another_sites_ids_from_ids_that_exist_nowhere() {
+    use pb::action_log_service_client::ActionLogServiceClient as Log;
+    use pb::device_service_client::DeviceServiceClient as Devices;
+    use pb::user_service_client::UserServiceClient as Users;
+
+    let server = TestServer::start().await;
+    let (own_site, _) = site_with_passcode(&server, "own@example.com", 10).await;
+    let (other_site, passcode) = site_with_passcode(&server, "other@example.com", 10).await;
+    let agent = mdm_tests::TestAgent::new();
+    let out = agent.enroll(&server, "other@example.com", &passcode).await;
+    assert!(out.status.success(), "{out:?}");
+    let device = agent.device_id();
+
+    let owner = server.admin_channel(&server.owner()).await;
+    let user = Users::new(owner.clone())
+        .get_user(pb::GetUserRequest {
+            site_id: other_site.clone(),
+            email: "other@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user_id;
+    // The device is offline: the lock stays queued, and can be canceled.
+    let action = Devices::new(owner.clone())
+        .lock_device(pb::LockDeviceRequest {
+            device_id: device.clone(),
+            message: "Call IT".into(),
+            ttl: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap()
+        .action_id;
+
+    let admin = server.add_admin("site-one@example.com", Role::SiteAdmin, &[&own_site]);
+    let channel = server.admin_channel(&admin).await;
+    let (devices, log, users) = (
+        Devices::new(channel.clone()),
+        Log::new(channel.clone()),
+        Users::new(channel),
+    );
+
+    // Each RPC that names an object by its id, called with that id.
+    type Call = Box<dyn Fn(String) -> futures::future::BoxFuture<'static, tonic::Status>>;
+    fn call<F, T>(f: impl Fn(String) -> F + 'static) -> Call
+    where
+        F: std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    {
+        Box::new(move |id| {
+            let future = f(id);
+            Box::pin(async move {
+                match future.await {
+                    Ok(_) => tonic::Status::ok("answered"),
+                    Err(status) => status,
+                }
+            })
+        })
+    }
+    let by_device: Vec<(&str, Call)> = vec![
+        ("GetDevice", {
+            let c = devices.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move { c.get_device(pb::GetDeviceRequest { device_id }).await }
+            })
+        }),
+        ("ResetPasscode", {
+            let c = devices.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move {
+                    c.reset_passcode(pb::ResetPasscodeRequest {
+                        device_id,
+                        confirm_user_email: "other@example.com".into(),
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+        }),
+        ("LockDevice", {
+            let c = devices.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move {
+                    c.lock_device(pb::LockDeviceRequest {
+                        device_id,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+        }),
+        ("UnenrollDevice", {
+            let c = devices.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move {
+                    c.unenroll_device(pb::UnenrollDeviceRequest { device_id })
+                        .await
+                }
+            })
+        }),
+        ("ListActions(device_id)", {
+            let c = log.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move {
+                    c.list_actions(pb::ListActionsRequest {
+                        device_id,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+        }),
+        ("WatchActions(device_id)", {
+            let c = log.clone();
+            call(move |device_id| {
+                let mut c = c.clone();
+                async move {
+                    c.watch_actions(pb::WatchActionsRequest {
+                        device_id,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            })
+        }),
+    ];
+    let by_action: Vec<(&str, Call)> = vec![
+        ("GetAction", {
+            let c = log.clone();
+            call(move |action_id| {
+                let mut c = c.clone();
+                async move { c.get_action(pb::GetActionRequest { action_id }).await }
+            })
+        }),
+        ("CancelAction", {
+            let c = log.clone();
+            call(move |action_id| {
+                let mut c = c.clone();
+                async move { c.cancel_action(pb::CancelActionRequest { action_id }).await }
+            })
+        }),
+    ];
+    let by_user: Vec<(&str, Call)> = vec![
+        ("GetUser(user_id)", {
+            let c = users.clone();
+            call(move |user_id| {
+                let mut c = c.clone();
+                async move {
+                    c.get_user(pb::GetUserRequest {
+                        user_id,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+        }),
+        ("DeleteUser", {
+            let c = users.clone();
+            call(move |user_id| {
+                let mut c = c.clone();
+                async move { c.delete_user(pb::DeleteUserRequest { user_id }).await }
+            })
+        }),
+    ];
+
+    let mut leaks = Vec::new();
+    for (calls, real, fake) in [
+        (&by_device, device.clone(), look_alike(&device)),
+        (&by_action, action.clone(), look_alike_action(&action)),
+        (&by_user, user.clone(), look_alike(&user)),
+    ] {
+        for (rpc, call) in calls.iter() {
+            let other_sites = answer(call(real.clone()).await, &real);
+            let nowhere = answer(call(fake.clone()).await, &fake);
+            assert_eq!(nowhere.0, Code::NotFound, "{rpc}: {nowhere:?}");
+            if other_sites != nowhere {
+                leaks.push(format!("{rpc}: {other_sites:?} vs {nowhere:?}"));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "another site's id is told apart from an id that exists nowhere:\n{}",
+        leaks.join("\n")
+    );
+
+    // Nothing was done to the other site's objects.
+    let mut owner_devices = Devices::new(owner.clone());
+    let got = owner_devices
+        .get_device(pb::GetDeviceRequest {
+            device_id: device.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device
+        .unwrap();
+    assert_eq!(got.status(), pb::DeviceStatus::Active);
+    let actions = mdm_tests::all_actions(
+        &mut Log::new(owner.clone()),
+        pb::ListActionsRequest {
+            site_id: other_site.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(actions.len(), 1, "only the owner's lock: {actions:?}");
+    assert_eq!(actions[0].status(), pb::ActionStatus::Pending);
+    Users::new(owner)
+        .get_user(pb::GetUserRequest {
+            user_id: user,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
