@@ -362,3 +362,45 @@ async fn a_site_admin_cannot_tell_another_sites_ids_from_ids_that_exist_nowhere(
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_right_passcode_right_after_the_locking_failure_is_refused() {
+    // Failures are counted off the response path; an enrollment about to
+    // succeed waits for them, so the lockout is exact.
+    let server = TestServer::start().await;
+    let (site_id, good) = site_with_passcode(&server, "dan@example.com", 2).await;
+    let (_, csr) = mdm_agent::enroll::key_and_csr("x").unwrap();
+    let mut enroll = EnrollmentServiceClient::new(server.channel(None).await);
+    let request = |passcode: &str| pb::EnrollRequest {
+        user_email: "dan@example.com".into(),
+        company_passcode: passcode.into(),
+        csr_pem: csr.clone(),
+        device: Some(pb::DeviceFacts {
+            platform: pb::Platform::Linux.into(),
+            ..Default::default()
+        }),
+    };
+    for _ in 0..2 {
+        let status = enroll.enroll(request("Wrong0Pass12")).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+    let status = enroll.enroll(request(&good)).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::PermissionDenied, "enrollment refused"),
+        "locked out by the second failure"
+    );
+    let info = pb::site_service_client::SiteServiceClient::new(
+        server.admin_channel(&server.owner()).await,
+    )
+    .get_company_passcode(pb::GetCompanyPasscodeRequest { site_id })
+    .await
+    .unwrap()
+    .into_inner()
+    .info
+    .unwrap();
+    assert_eq!(
+        (info.state(), info.failed_attempts, info.enrollments),
+        (pb::CompanyPasscodeState::LockedOut, 2, 0)
+    );
+}
