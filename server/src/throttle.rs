@@ -112,7 +112,8 @@ impl Throttle {
             table
                 .buckets
                 .retain(|_, bucket| self.refilled(*bucket, now).tokens < burst);
-            table.next_sweep = now + self.config.refill_every.max(MIN_SWEEP_INTERVAL);
+            let interval = self.config.refill_every.max(MIN_SWEEP_INTERVAL);
+            table.next_sweep = now.checked_add(interval).unwrap_or(now);
         }
         table.buckets.len() < self.capacity
     }
