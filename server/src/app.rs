@@ -28,6 +28,8 @@ pub struct App {
     pub(crate) registry: Arc<AdminRegistry>,
     pub(crate) passcode_key: Zeroizing<[u8; 32]>,
     pub(crate) throttle: Throttle,
+    /// Counts wrong company passcodes off the response path.
+    pub(crate) failed_attempts: crate::company_passcode::FailedAttempts,
     pub(crate) alerts: broadcast::Sender<Alert>,
     pub(crate) ca: Arc<CertificateAuthority>,
     pub(crate) device_cert_lifetime: std::time::Duration,
@@ -52,7 +54,14 @@ impl App {
         config: &Config,
     ) -> Self {
         let (alerts, _) = broadcast::channel(ALERT_CHANNEL_CAPACITY);
+        let outbox_wake = Arc::default();
         Self {
+            failed_attempts: crate::company_passcode::FailedAttempts::new(
+                storage.clone(),
+                registry.clone(),
+                alerts.clone(),
+                Arc::clone(&outbox_wake),
+            ),
             storage,
             registry,
             passcode_key: keys.derive("company-passcode/v1"),
@@ -64,7 +73,7 @@ impl App {
             live: LiveStreams::default(),
             action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
             secrets: crate::crypto::SecretBox::new(&keys.derive("reset-passcode/v1")),
-            outbox_wake: Arc::default(),
+            outbox_wake,
             webhook_policy: crate::destination::Policy {
                 allow_private: config.webhook_allow_private_networks,
                 hosts: config.webhook_hosts.clone(),

@@ -229,7 +229,7 @@ impl App {
     pub fn get_action(&self, action_id: &str) -> Result<Action> {
         self.storage
             .get_action(action_id)?
-            .ok_or_else(|| Error::NotFound(format!("action {action_id:?} does not exist")))
+            .ok_or_else(|| Error::no_such("action", action_id))
     }
 
     /// Records that the command is about to go out on the device's stream.
@@ -319,8 +319,7 @@ impl App {
                 now,
             )
         })?;
-        let (action, _) = updated
-            .ok_or_else(|| Error::NotFound(format!("action {action_id:?} does not exist")))?;
+        let (action, _) = updated.ok_or_else(|| Error::no_such("action", action_id))?;
         if let Some(status) = refused {
             return Err(Error::FailedPrecondition(format!(
                 "action {action_id} is {status:?}; only an action the device has not acknowledged can be canceled"

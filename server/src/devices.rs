@@ -205,10 +205,11 @@ impl App {
             failed_attempts: 0,
             source_addresses: vec![source.to_string()],
         };
-        let notifications = self.alert_notifications(
+        let notifications = crate::alerts::notifications(
+            &self.registry,
             site,
             &alert,
-            format!(
+            &format!(
                 "Security alert: a device claims another device's serial number ({})",
                 site.display_name
             ),
@@ -266,7 +267,7 @@ impl App {
     pub fn get_device(&self, device_id: &str) -> Result<std::sync::Arc<Device>> {
         self.storage
             .get_device(device_id)?
-            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))
+            .ok_or_else(|| Error::no_such("device", device_id))
     }
 
     pub fn is_online(&self, device_id: &str) -> bool {
@@ -319,7 +320,7 @@ impl App {
                 }
                 active
             })?
-            .ok_or_else(|| Error::NotFound(format!("device {device_id:?} does not exist")))?;
+            .ok_or_else(|| Error::no_such("device", device_id))?;
         let now = now_millis();
         let mut action = Action::pending(
             crate::storage::new_action_id(&device.site_id),

@@ -29,6 +29,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The one answer for an object id that names nothing the caller may see.
+    pub fn no_such(kind: &str, id: &str) -> Self {
+        Error::NotFound(format!("{kind} {id:?} does not exist"))
+    }
+}
+
 impl From<StorageError> for Error {
     fn from(error: StorageError) -> Self {
         match error {

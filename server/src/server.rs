@@ -290,6 +290,7 @@ pub async fn run(
     accept.abort();
     let _ = expiry.await;
     let _ = outbox.await;
+    app.failed_attempts.close().await;
     // tonic returns once every connection has let go of its shutdown signal,
     // which can be a moment before the task drops its handle on the services.
     // Wait for those handles so the database is closed when `run` returns and

@@ -75,7 +75,7 @@ impl App {
     pub fn get_user_by_id(&self, user_id: &str) -> Result<User> {
         self.storage
             .get_user_by_id(user_id)?
-            .ok_or_else(|| Error::NotFound(format!("user {user_id:?} does not exist")))
+            .ok_or_else(|| Error::no_such("user", user_id))
     }
 
     pub fn get_user(&self, site_id: &str, email: &str) -> Result<User> {
@@ -100,7 +100,7 @@ impl App {
         let user = self
             .storage
             .delete_user(user_id)?
-            .ok_or_else(|| Error::NotFound(format!("user {user_id:?} does not exist")))?;
+            .ok_or_else(|| Error::no_such("user", user_id))?;
         self.commit().await?;
         Ok(user)
     }

@@ -58,6 +58,7 @@ async fn the_current_passcode_verifies_and_the_old_one_stops_at_once() {
     assert_eq!(ok.user.email, "alice@example.com");
     assert!(
         app.company_passcode_info(&site.site_id)
+            .await
             .unwrap()
             .last_used_at
             .is_some()
@@ -77,6 +78,7 @@ async fn the_current_passcode_verifies_and_the_old_one_stops_at_once() {
     assert_eq!(refusal, Refusal::WrongPasscode);
     assert_eq!(
         app.company_passcode_info(&site.site_id)
+            .await
             .unwrap()
             .failed_attempts,
         1
@@ -97,6 +99,7 @@ async fn the_current_passcode_verifies_and_the_old_one_stops_at_once() {
     assert_eq!(refusal, Refusal::NotAUser(site.site_id.clone()));
     assert_eq!(
         app.company_passcode_info(&site.site_id)
+            .await
             .unwrap()
             .failed_attempts,
         1
@@ -150,7 +153,7 @@ async fn concurrent_wrong_attempts_lock_out_at_exactly_the_limit_with_one_alert(
         assert!(task.await.unwrap().is_err());
     }
 
-    let info = app.company_passcode_info(&site.site_id).unwrap();
+    let info = app.company_passcode_info(&site.site_id).await.unwrap();
     assert_eq!(info.state, PasscodeState::LockedOut);
     assert_eq!(info.failed_attempts, 5, "counting stops at the limit");
     let page = app.storage().list_alerts(&site.site_id, "", 100).unwrap();
@@ -190,6 +193,7 @@ async fn concurrent_wrong_attempts_lock_out_at_exactly_the_limit_with_one_alert(
     );
     assert_eq!(
         app.company_passcode_info(&other.site_id)
+            .await
             .unwrap()
             .failed_attempts,
         0
@@ -200,7 +204,7 @@ async fn concurrent_wrong_attempts_lock_out_at_exactly_the_limit_with_one_alert(
     drop(alerts);
     drop(Arc::try_unwrap(app).expect("last handle"));
     let app = open(&dir, lenient());
-    let info = app.company_passcode_info(&site_id).unwrap();
+    let info = app.company_passcode_info(&site_id).await.unwrap();
     assert_eq!(info.state, PasscodeState::LockedOut);
     assert_eq!(info.failed_attempts, 5);
     assert!(
@@ -256,7 +260,7 @@ async fn one_source_is_throttled_before_it_can_burn_the_limit_and_others_are_not
         }
     }
     assert_eq!(throttled, 17);
-    let info = app.company_passcode_info(&site.site_id).unwrap();
+    let info = app.company_passcode_info(&site.site_id).await.unwrap();
     assert_eq!(
         info.failed_attempts, 3,
         "throttled attempts are not even evaluated"
@@ -286,7 +290,7 @@ async fn a_wrong_passcode_for_an_unknown_email_counts_nowhere() {
             .unwrap_err();
         assert_eq!(refusal, Refusal::WrongPasscode);
     }
-    let info = app.company_passcode_info(&site.site_id).unwrap();
+    let info = app.company_passcode_info(&site.site_id).await.unwrap();
     assert_eq!(
         (info.state, info.failed_attempts),
         (PasscodeState::Enabled, 0)

@@ -462,7 +462,7 @@ async fn commands_for_unknown_foreign_unenrolled_or_incapable_devices_are_refuse
     let mut their = DeviceServiceClient::new(server.admin_channel(&outsider).await);
     assert_eq!(
         code(their.lock_device(lock(&device_id)).await),
-        Code::PermissionDenied
+        Code::NotFound
     );
     let mut their_log = ActionLogServiceClient::new(server.admin_channel(&outsider).await);
     assert_eq!(

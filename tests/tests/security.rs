@@ -312,7 +312,9 @@ async fn every_admin_rpc_enforces_identity_and_site_scope() {
                 "site-admin of another site" => match rpc {
                     // Lists only what the caller may see; an unknown id says nothing either way.
                     "ListSites" => code == Code::Ok,
-                    "DeleteUser" | "UnenrollDevice" => code == Code::NotFound,
+                    // Another site's object is not found, like an id that names nothing.
+                    "DeleteUser" | "UnenrollDevice" | "GetUser" | "GetDevice" | "ResetPasscode"
+                    | "LockDevice" | "GetAction" | "CancelAction" => code == Code::NotFound,
                     _ => code == Code::PermissionDenied,
                 },
                 "site-admin of this site" if rpc == "CreateSite" => code == Code::PermissionDenied,

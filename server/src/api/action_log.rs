@@ -14,7 +14,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
 use crate::app::App;
 use crate::identity;
 use crate::model::NotificationState;
@@ -106,7 +106,11 @@ impl ActionLogService for ActionLogApi {
             .then(|| required_id("device_id", &request.device_id))
             .transpose()?;
         let site_id = match device_id {
-            Some(device_id) => self.app.get_device(device_id)?.site_id.clone(),
+            Some(device_id) => {
+                let site_id = self.app.get_device(device_id)?.site_id.clone();
+                authorize_object(&admin, &site_id, "device", device_id)?;
+                site_id
+            }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
@@ -145,13 +149,8 @@ impl ActionLogService for ActionLogApi {
     ) -> Rpc<pb::GetActionResponse> {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
-        let action = self
-            .app
-            .storage()
-            .get_action(action_id)
-            .map_err(crate::error::Error::from)?
-            .ok_or_else(|| Status::not_found(format!("action {action_id:?} does not exist")))?;
-        authorize_site(&admin, &action.site_id)?;
+        let action = self.app.get_action(action_id)?;
+        authorize_object(&admin, &action.site_id, "action", action_id)?;
         Ok(Response::new(pb::GetActionResponse {
             action: Some(convert::action(action)),
         }))
@@ -164,7 +163,7 @@ impl ActionLogService for ActionLogApi {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
         let action = self.app.get_action(action_id)?;
-        authorize_site(&admin, &action.site_id)?;
+        authorize_object(&admin, &action.site_id, "action", action_id)?;
         let action = self.app.cancel_action(action_id, &admin.email).await?;
         Ok(Response::new(pb::CancelActionResponse {
             action: Some(convert::action(action)),
@@ -182,7 +181,11 @@ impl ActionLogService for ActionLogApi {
             .then(|| required_id("device_id", &request.device_id).map(str::to_owned))
             .transpose()?;
         let site_id = match &device_id {
-            Some(device_id) => self.app.get_device(device_id)?.site_id.clone(),
+            Some(device_id) => {
+                let site_id = self.app.get_device(device_id)?.site_id.clone();
+                authorize_object(&admin, &site_id, "device", device_id)?;
+                site_id
+            }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
@@ -221,6 +224,8 @@ impl ActionLogService for ActionLogApi {
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
         self.app.get_site(site_id)?;
+        // Lockouts are raised while counting failures, off the response path.
+        self.app.settle_failed_attempts().await;
         let page = self
             .app
             .storage()
@@ -274,6 +279,7 @@ impl ActionLogService for ActionLogApi {
             pb::NotificationState::Delivered => Some(NotificationState::Delivered),
             pb::NotificationState::Failed => Some(NotificationState::Failed),
         };
+        self.app.settle_failed_attempts().await;
         let page = self
             .app
             .storage()

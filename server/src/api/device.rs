@@ -6,7 +6,7 @@ use mdm_proto::v1 as pb;
 use mdm_proto::v1::device_service_server::DeviceService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
 use crate::app::App;
 use crate::identity;
 use crate::model::{ActionType, CommandPayload};
@@ -70,7 +70,7 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
         let device = self.app.get_device(device_id)?;
-        authorize_site(&admin, &device.site_id)?;
+        authorize_object(&admin, &device.site_id, "device", device_id)?;
         let online = self.app.is_online(device_id);
         let security = self.app.security_view(&device, &admin.email)?;
         let audit_trail = self.app.audit_trail(device_id, 50)?;
@@ -90,7 +90,7 @@ impl DeviceService for DeviceApi {
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
         let device = self.app.get_device(device_id)?;
-        authorize_site(&admin, &device.site_id)?;
+        authorize_object(&admin, &device.site_id, "device", device_id)?;
         if request.confirm_user_email.trim().is_empty() {
             return Err(crate::error::Error::FailedPrecondition(
                 "confirm_user_email is required: name the device's user to confirm the right device".into(),
@@ -124,7 +124,7 @@ impl DeviceService for DeviceApi {
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
         let device = self.app.get_device(device_id)?;
-        authorize_site(&admin, &device.site_id)?;
+        authorize_object(&admin, &device.site_id, "device", device_id)?;
         let message = convert::lock_message(request.message)?;
         let ttl = convert::duration("ttl", request.ttl)?;
         let action = self
@@ -149,7 +149,7 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
         let device = self.app.get_device(device_id)?;
-        authorize_site(&admin, &device.site_id)?;
+        authorize_object(&admin, &device.site_id, "device", device_id)?;
         let action = self.app.unenroll_device(device_id, &admin.email).await?;
         Ok(Response::new(pb::UnenrollDeviceResponse {
             action: Some(convert::action(action)),

@@ -156,7 +156,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let info = self.app.company_passcode_info(site_id)?;
+        let info = self.app.company_passcode_info(site_id).await?;
         Ok(Response::new(pb::GetCompanyPasscodeResponse {
             info: Some(convert::passcode_info(info)),
         }))

@@ -6,7 +6,7 @@ use mdm_proto::v1 as pb;
 use mdm_proto::v1::user_service_server::UserService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
 use crate::app::App;
 use crate::error::Error;
 use crate::identity;
@@ -47,10 +47,9 @@ impl UserService for UserApi {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let user = if !request.user_id.is_empty() {
-            let user = self
-                .app
-                .get_user_by_id(required_id("user_id", &request.user_id)?)?;
-            authorize_site(&admin, &user.site_id)?;
+            let user_id = required_id("user_id", &request.user_id)?;
+            let user = self.app.get_user_by_id(user_id)?;
+            authorize_object(&admin, &user.site_id, "user", user_id)?;
             user
         } else if !request.site_id.is_empty() && !request.email.is_empty() {
             let site_id = required_id("site_id", &request.site_id)?;
@@ -88,7 +87,7 @@ impl UserService for UserApi {
         let admin = identity::admin(&request)?;
         let user_id = required_id("user_id", &request.get_ref().user_id)?;
         let user = self.app.get_user_by_id(user_id)?;
-        authorize_site(&admin, &user.site_id)?;
+        authorize_object(&admin, &user.site_id, "user", user_id)?;
         self.app.delete_user(user_id).await?;
         tracing::info!(user_id, site_id = %user.site_id, admin = %admin.email, "user deleted");
         Ok(Response::new(pb::DeleteUserResponse {}))
