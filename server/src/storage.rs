@@ -40,6 +40,10 @@ const OPEN_SINCE_KEY: &[u8] = b"open_commands_since";
 pub enum StorageError {
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("database files: {0}")]
+    Files(#[from] std::io::Error),
+    #[error("storage work stopped before it finished: {0}")]
+    Stopped(String),
     #[error(
         "the database at {path} has schema version {found}, this server needs {expected}; refusing to start"
     )]
@@ -548,6 +552,9 @@ impl Storage {
         // the last handle is dropped (after first-start creation, or a
         // restart in one process); a lock held longer is another process.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // sled creates its files with the umask's mode, also later (snapshots):
+        // the directory, owner-only before sled opens it, is what protects them.
+        crate::fsutil::create_private_dir(path)?;
         let db = loop {
             match sled::Config::new()
                 .path(path)
@@ -566,6 +573,7 @@ impl Storage {
                 Err(error) => return Err(error.into()),
             }
         };
+        crate::fsutil::make_private_tree(path)?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             sites: db.open_tree("sites")?,
@@ -1277,6 +1285,14 @@ impl Storage {
         Ok(())
     }
 
+    /// Removes a notification: the record first, then its pending entry.
+    pub fn remove_notification(&self, notification_id: &str) -> Result<(), StorageError> {
+        let id = notification_id.as_bytes();
+        self.outbox.remove(id)?;
+        self.outbox_pending.remove(id)?;
+        Ok(())
+    }
+
     /// Notifications still to deliver, oldest first.
     pub fn pending_notifications(&self) -> Result<Vec<Notification>, StorageError> {
         let mut pending = Vec::new();
@@ -1340,6 +1356,21 @@ impl Storage {
     }
 }
 
+/// The smallest key above every key that starts with `prefix`: the prefix
+/// with its last byte below 0xFF raised and the 0xFF bytes after it dropped
+/// (site tags are hash bytes, so about one site in 256 has a tag ending in
+/// 0xFF). None when every byte is 0xFF (or there is none): no key is above.
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut next = prefix.to_vec();
+    while let Some(last) = next.pop() {
+        if let Some(raised) = last.checked_add(1) {
+            next.push(raised);
+            return Some(next);
+        }
+    }
+    None
+}
+
 /// Reads one page of `tree` under `prefix`, after the key in `page_token`
 /// (hex), in key order or reversed. `keep` decodes an entry and may skip it.
 fn page<T>(
@@ -1360,16 +1391,7 @@ fn page<T>(
         }
         Some(key)
     };
-    let mut upper = prefix.to_vec();
-    let upper_bound = if prefix.is_empty() {
-        Bound::Unbounded
-    } else {
-        // Every key under `prefix` sorts before `prefix` with its last byte raised.
-        if let Some(last) = upper.last_mut() {
-            *last += 1;
-        }
-        Bound::Excluded(upper)
-    };
+    let upper_bound = prefix_successor(prefix).map_or(Bound::Unbounded, Bound::Excluded);
     let range: (Bound<Vec<u8>>, Bound<Vec<u8>>) = match (&after, newest_first) {
         (None, _) => (Bound::Included(prefix.to_vec()), upper_bound),
         (Some(key), false) => (Bound::Excluded(key.clone()), upper_bound),
@@ -1858,6 +1880,106 @@ mod tests {
         let after = storage.get_passcode("st_1").expect("get").expect("record");
         assert!(after.pending_lockout.is_none());
         assert_eq!(after.state, PasscodeState::LockedOut);
+    }
+
+    #[test]
+    fn the_successor_of_a_prefix_carries_past_0xff_bytes() {
+        assert_eq!(prefix_successor(&[1, 2, 3, 4]), Some(vec![1, 2, 3, 5]));
+        assert_eq!(prefix_successor(&[1, 2, 3, 0xFF]), Some(vec![1, 2, 4]));
+        assert_eq!(prefix_successor(&[1, 0xFF, 0xFF, 0xFF]), Some(vec![2]));
+        assert_eq!(prefix_successor(&[0xFF; 4]), None);
+        assert_eq!(prefix_successor(&[]), None);
+    }
+
+    /// Every record under `tag` and none of its neighbours', in both
+    /// directions and across pages, for tags ending in 0xFF bytes.
+    #[test]
+    fn a_page_under_a_prefix_ending_in_0xff_lists_exactly_that_prefix() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let tags: [[u8; 4]; 6] = [
+            [0xFF; 4],
+            [0xFF, 0xFF, 0xFF, 0xFE],
+            [0x12, 0x34, 0x56, 0xFF],
+            [0x12, 0x34, 0x56, 0xFE],
+            [0x12, 0x34, 0x57, 0x00],
+            [0x12, 0xFF, 0xFF, 0xFF],
+        ];
+        for tag in tags {
+            for i in 0..3u8 {
+                let mut key = tag.to_vec();
+                key.extend_from_slice(&[0; 15]);
+                key.push(i);
+                storage.actions.insert(key, &[i]).expect("insert");
+            }
+        }
+        // One key just past the carry of [0x12, 0xFF, 0xFF, 0xFF].
+        storage.actions.insert([0x13], &[9]).expect("insert");
+        let listed = |tag: &[u8], newest_first: bool| {
+            let mut values = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = page(&storage.actions, tag, &token, 2, newest_first, |_, v| {
+                    Ok(Some(v.to_vec()))
+                })
+                .expect("page");
+                values.extend(page.items);
+                if page.next_page_token.is_empty() {
+                    return values;
+                }
+                token = page.next_page_token;
+            }
+        };
+        for tag in tags {
+            assert_eq!(
+                listed(&tag, true),
+                vec![vec![2], vec![1], vec![0]],
+                "{tag:x?}"
+            );
+            assert_eq!(
+                listed(&tag, false),
+                vec![vec![0], vec![1], vec![2]],
+                "{tag:x?}"
+            );
+        }
+    }
+
+    /// A site id whose tag ends in 0xFF (about one in 256 does).
+    fn site_id_with_tag_ending_in_0xff() -> String {
+        (0..100_000)
+            .map(|i| format!("st_ff{i}"))
+            .find(|id| site_tag(id)[3] == 0xFF)
+            .expect("one in 256 site ids")
+    }
+
+    #[test]
+    fn the_action_log_of_a_site_whose_tag_ends_in_0xff_lists_its_actions() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let site = site_id_with_tag_ending_in_0xff();
+        let now = now_millis();
+        let mine: Vec<Action> = (0..3)
+            .map(|i| open_command_of(&site, "dv_ff", action_id_at(&site, now + i), now + i))
+            .collect();
+        let other = open_command_of("st_other", "dv_o", action_id_at("st_other", now), now);
+        for action in mine.iter().chain([&other]) {
+            storage.put_action(action).expect("put");
+        }
+        let listed = storage
+            .list_actions(&site, None, "", 10, |_| true)
+            .expect("list");
+        let expected: Vec<String> = mine.iter().rev().map(|a| a.action_id.clone()).collect();
+        assert_eq!(ids(listed.items), expected);
+        let first = storage
+            .list_actions(&site, None, "", 2, |_| true)
+            .expect("list");
+        let rest = storage
+            .list_actions(&site, None, &first.next_page_token, 2, |_| true)
+            .expect("list");
+        assert_eq!(
+            ids(first.items.into_iter().chain(rest.items).collect()),
+            expected
+        );
     }
 
     #[test]

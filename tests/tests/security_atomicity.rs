@@ -1,0 +1,271 @@
+//! Security round 2 (issue #17): every site's action log lists, a call that
+//! fails stores nothing, the data dir is owner-only, and long storage work
+//! does not stall other calls.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use mdm_tests::{TestAgent, TestServer, all_actions, eventually, files_under, pb};
+use pb::action_log_service_client::ActionLogServiceClient;
+use pb::site_service_client::SiteServiceClient;
+use pb::user_service_client::UserServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The last byte of the site's tag: action ids end with the tag.
+fn tag_last_byte(site_id: &str) -> u8 {
+    let id = mdm_server::storage::new_action_id(site_id);
+    u8::from_str_radix(&id[id.len() - 2..], 16).unwrap()
+}
+
+async fn create_site(sites: &mut SiteServiceClient<Channel>, name: &str) -> String {
+    sites
+        .create_site(pb::CreateSiteRequest {
+            display_name: name.into(),
+            failed_attempt_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .site
+        .unwrap()
+        .site_id
+}
+
+/// A user in `site_id`, a fresh company passcode, and an agent enrolled
+/// there (not running, so its commands stay queued).
+async fn enrolled_agent(server: &TestServer, site_id: &str, email: &str) -> TestAgent {
+    let channel = server.admin_channel(&server.owner()).await;
+    UserServiceClient::new(channel.clone())
+        .create_user(pb::CreateUserRequest {
+            site_id: site_id.into(),
+            email: email.into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap();
+    let passcode = SiteServiceClient::new(channel)
+        .generate_company_passcode(pb::GenerateCompanyPasscodeRequest {
+            site_id: site_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .passcode;
+    let agent = TestAgent::new();
+    let out = agent.enroll(server, email, &passcode).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent
+}
+
+/// About one site in 256 has a tag ending in 0xFF; its site-wide log used
+/// to be an empty range (a panic in a debug build).
+#[tokio::test]
+async fn list_actions_shows_the_actions_of_a_site_whose_tag_ends_in_0xff() {
+    let server = TestServer::start().await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let mut sites = SiteServiceClient::new(channel.clone());
+    // Server-made site ids: the chance of none in 3000 is below 1e-5.
+    let mut site_id = None;
+    for i in 0..3000 {
+        let id = create_site(&mut sites, &format!("Site {i}")).await;
+        if tag_last_byte(&id) == 0xFF {
+            site_id = Some(id);
+            break;
+        }
+    }
+    let site_id = site_id.expect("a site whose tag ends in 0xFF");
+    let agent = enrolled_agent(&server, &site_id, "ff@example.com").await;
+    let device_id = agent.device_id();
+    let lock = server
+        .devices()
+        .await
+        .lock_device(pb::LockDeviceRequest {
+            device_id: device_id.clone(),
+            message: String::new(),
+            ttl: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    assert!(lock.action_id.ends_with("ff"), "{}", lock.action_id);
+
+    let mut log = ActionLogServiceClient::new(channel);
+    let site_wide = all_actions(
+        &mut log,
+        pb::ListActionsRequest {
+            site_id: site_id.clone(),
+            page_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        site_wide.iter().map(|a| &a.action_id).collect::<Vec<_>>(),
+        vec![&lock.action_id],
+        "the site-wide log of site {site_id}"
+    );
+    let by_device = all_actions(
+        &mut log,
+        pb::ListActionsRequest {
+            device_id,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(by_device.len(), 1);
+}
+
+/// Notification ids of the site, in every state.
+async fn notification_ids(log: &mut ActionLogServiceClient<Channel>, site_id: &str) -> Vec<String> {
+    log.list_notifications(pb::ListNotificationsRequest {
+        site_id: site_id.into(),
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .notifications
+    .into_iter()
+    .map(|n| n.notification_id)
+    .collect()
+}
+
+fn eml_files(data_dir: &Path) -> usize {
+    let dir = data_dir.join("outbox/mail");
+    if dir.exists() {
+        files_under(&dir).len()
+    } else {
+        0
+    }
+}
+
+#[tokio::test]
+async fn a_reset_with_an_invalid_ttl_stores_nothing() {
+    let server = TestServer::start().await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let site_id = create_site(&mut SiteServiceClient::new(channel.clone()), "Reset").await;
+    let agent = enrolled_agent(&server, &site_id, "ttl@example.com").await;
+    let device_id = agent.device_id();
+    let mut devices = server.devices().await;
+    let reset = |ttl: Option<prost_types::Duration>| pb::ResetPasscodeRequest {
+        device_id: device_id.clone(),
+        confirm_user_email: "ttl@example.com".into(),
+        notify_user: true,
+        message: String::new(),
+        ttl,
+    };
+    // A first reset that works, so there is a security section to keep.
+    devices.reset_passcode(reset(None)).await.unwrap();
+    let mut log = ActionLogServiceClient::new(channel);
+    let notifications = notification_ids(&mut log, &site_id).await;
+    assert_eq!(notifications.len(), 2, "the admin and the user");
+    eventually("both emails are written", || async {
+        (eml_files(&server.data_dir) == 2).then_some(())
+    })
+    .await;
+    let security = || async {
+        server
+            .get_device(&device_id)
+            .await
+            .device
+            .unwrap()
+            .security
+            .unwrap()
+    };
+    let before = security().await;
+    assert!(!before.latest_reset_passcode.is_empty());
+    let action_log = log.clone();
+    let actions = || {
+        let mut log = action_log.clone();
+        let device_id = device_id.clone();
+        async move {
+            all_actions(
+                &mut log,
+                pb::ListActionsRequest {
+                    device_id,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let actions_before = actions().await;
+
+    for (seconds, why) in [(0, "zero"), (31 * 86_400, "over 30 days")] {
+        let status = devices
+            .reset_passcode(reset(Some(prost_types::Duration { seconds, nanos: 0 })))
+            .await
+            .expect_err(why);
+        assert_eq!(status.code(), Code::InvalidArgument, "{why}: {status:?}");
+        assert!(status.message().contains("ttl"), "{}", status.message());
+    }
+
+    assert_eq!(notification_ids(&mut log, &site_id).await, notifications);
+    assert_eq!(
+        security().await,
+        before,
+        "the security section is unchanged"
+    );
+    assert_eq!(actions().await, actions_before, "no action was added");
+    assert_eq!(eml_files(&server.data_dir), 2, "no email was written");
+}
+
+/// Every file under the data dir is 0600 and every directory 0700, the
+/// database's included, after a first start and some writes.
+#[cfg(unix)]
+#[tokio::test]
+async fn every_file_of_the_data_dir_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start().await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let site_id = create_site(&mut SiteServiceClient::new(channel.clone()), "Modes").await;
+    let agent = enrolled_agent(&server, &site_id, "modes@example.com").await;
+    server
+        .devices()
+        .await
+        .reset_passcode(pb::ResetPasscodeRequest {
+            device_id: agent.device_id(),
+            confirm_user_email: "modes@example.com".into(),
+            notify_user: false,
+            message: String::new(),
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    eventually("the reset email is written", || async {
+        (eml_files(&server.data_dir) == 1).then_some(())
+    })
+    .await;
+    let (data_dir, _temp) = server.stop().await;
+
+    fn walk(path: &Path, wrong: &mut Vec<String>, seen: &mut usize) {
+        let metadata = std::fs::symlink_metadata(path).unwrap();
+        let mode = metadata.permissions().mode() & 0o777;
+        let wanted = if metadata.is_dir() { 0o700 } else { 0o600 };
+        *seen += 1;
+        if mode != wanted {
+            wrong.push(format!("{} is {mode:o}", path.display()));
+        }
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                walk(&entry.unwrap().path(), wrong, seen);
+            }
+        }
+    }
+    let (mut wrong, mut seen) = (Vec::new(), 0);
+    walk(&data_dir, &mut wrong, &mut seen);
+    assert!(data_dir.join("db/db").exists() && data_dir.join("db/conf").exists());
+    assert!(seen > 10, "walked {seen} entries");
+    assert!(wrong.is_empty(), "not owner-only: {wrong:#?}");
+}
