@@ -39,6 +39,8 @@ pub struct App {
     pub(crate) secrets: crate::crypto::SecretBox,
     /// Every change of an action, for `WatchActions`.
     pub(crate) action_updates: broadcast::Sender<crate::model::Action>,
+    /// Most users one site may have.
+    pub(crate) max_users_per_site: usize,
 }
 
 impl App {
@@ -63,6 +65,7 @@ impl App {
             action_updates: broadcast::channel(ACTION_CHANNEL_CAPACITY).0,
             secrets: crate::crypto::SecretBox::new(&keys.derive("reset-passcode/v1")),
             outbox_wake: Arc::default(),
+            max_users_per_site: config.max_users_per_site,
         }
     }
 

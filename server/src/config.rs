@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// PEM CA certificate of the relay, if it is not publicly trusted.
     #[arg(long, env = "MDM_SMTP_CA", value_name = "FILE")]
     pub smtp_ca: Option<PathBuf>,
+    /// Most users one site may have; CreateUser and ImportUsers beyond it
+    /// are refused [default: 100000].
+    #[arg(long, env = "MDM_MAX_USERS_PER_SITE", value_parser = clap::value_parser!(u32).range(1..=100_000_000), value_name = "N")]
+    pub max_users_per_site: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,9 +178,12 @@ pub struct Config {
     /// Per source address: TLS handshakes in progress, and open connections
     /// without a client certificate (each counted separately).
     pub connections_per_source: usize,
+    /// Most users one site may have.
+    pub max_users_per_site: usize,
 }
 
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
+pub const DEFAULT_MAX_USERS_PER_SITE: usize = 100_000;
 
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -234,6 +241,7 @@ impl Config {
             smtp: None,
             outbox_retry: Default::default(),
             connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
+            max_users_per_site: DEFAULT_MAX_USERS_PER_SITE,
         }
     }
 }
@@ -254,6 +262,7 @@ pub struct FileConfig {
     device_cert_lifetime: Option<String>,
     heartbeat_interval: Option<String>,
     connections_per_source: Option<u32>,
+    max_users_per_site: Option<u32>,
     smtp: Option<FileSmtp>,
 }
 
@@ -425,6 +434,13 @@ pub fn resolve_with_file(
                 return Err(ConfigError(
                     "connections_per_source must be at least 1".into(),
                 ));
+            }
+            Some(n) => n as usize,
+        },
+        max_users_per_site: match args.max_users_per_site.or(file.max_users_per_site) {
+            None => DEFAULT_MAX_USERS_PER_SITE,
+            Some(0) => {
+                return Err(ConfigError("max_users_per_site must be at least 1".into()));
             }
             Some(n) => n as usize,
         },

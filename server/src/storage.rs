@@ -221,6 +221,16 @@ pub struct Page<T> {
     pub next_page_token: String,
 }
 
+/// What inserting users did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UsersInserted {
+    /// Stored, but for the users at these indexes: the site had their email.
+    Inserted { existing: Vec<usize> },
+    /// Nothing stored: the site has `users` users and the new ones would
+    /// pass its limit.
+    OverQuota { users: usize },
+}
+
 /// What counting a wrong company passcode did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FailedAttempt {
@@ -298,6 +308,14 @@ pub struct Storage {
     device_locks: Arc<[Mutex<()>; LOCK_STRIPES]>,
     /// Serialises changes to users and their indexes.
     users_lock: Arc<Mutex<()>>,
+    /// How many users each site has, counted once per site on first need
+    /// and kept in step under `users_lock`.
+    user_counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// import id \0 row (6 digits) -> User: rows of an import not applied yet.
+    staged_users: sled::Tree,
+    /// import id -> site id: the commit point of an import whose rows are
+    /// all staged; removed once they are applied.
+    user_imports: sled::Tree,
     /// Serialises changes to company passcode records.
     passcode_lock: Arc<Mutex<()>>,
     /// Sites that have a webhook, kept in step with `sites` by `put_site`:
@@ -442,6 +460,7 @@ impl Storage {
             }
         }
         storage.finish_pending_lockouts()?;
+        storage.finish_user_imports()?;
         storage.load_webhook_sites()?;
         Ok(storage)
     }
@@ -603,6 +622,9 @@ impl Storage {
             device_locks: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
             device_cache: Arc::default(),
             users_lock: Arc::default(),
+            user_counts: Arc::default(),
+            staged_users: db.open_tree("staged_users")?,
+            user_imports: db.open_tree("user_imports")?,
             passcode_lock: Arc::default(),
             webhook_sites: Arc::default(),
             db,
@@ -700,22 +722,160 @@ impl Storage {
 
     /// Inserts users of one site under the users lock, skipping (and
     /// returning the indexes of) those whose email the site already has.
-    pub fn insert_users(&self, site_id: &str, users: &[User]) -> Result<Vec<usize>, StorageError> {
+    /// Refused, with nothing stored, when the site would pass `max_users`.
+    /// Several users go in whole or not at all, also across a crash or a
+    /// full disk: they are staged and flushed, then one key commits them
+    /// (see `import_staged`).
+    pub fn insert_users(
+        &self,
+        site_id: &str,
+        users: &[User],
+        max_users: usize,
+    ) -> Result<UsersInserted, StorageError> {
         let _guard = hold(&self.users_lock);
         let mut existing = Vec::new();
+        let mut new = Vec::new();
         for (index, user) in users.iter().enumerate() {
-            let key = key2(site_id, &user.email);
-            if self.users.contains_key(&key)? {
+            if self.users.contains_key(key2(site_id, &user.email))? {
                 existing.push(index);
-                continue;
+            } else {
+                new.push(user);
             }
-            // Indexes first: the user record is the commit point.
-            self.user_ids
-                .insert(user.user_id.as_bytes(), key.as_slice())?;
-            self.user_sites.insert(key2(&user.email, site_id), &[])?;
-            self.users.insert(key, encode(user))?;
         }
-        Ok(existing)
+        let count = self.site_user_count(site_id)?;
+        if count.saturating_add(new.len()) > max_users {
+            return Ok(UsersInserted::OverQuota { users: count });
+        }
+        let written = match new.as_slice() {
+            [] => Ok(()),
+            // One record is its own commit point.
+            [user] => self.write_user(user),
+            _ => self.import_staged(site_id, &new),
+        };
+        let mut counts = self.user_counts();
+        match written {
+            Ok(()) => {
+                counts.insert(site_id.to_owned(), count + new.len());
+                Ok(UsersInserted::Inserted { existing })
+            }
+            Err(error) => {
+                // Counted again from the records next time.
+                counts.remove(site_id);
+                Err(error)
+            }
+        }
+    }
+
+    fn user_counts(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.user_counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The number of users of the site; callers hold the users lock.
+    fn site_user_count(&self, site_id: &str) -> Result<usize, StorageError> {
+        if let Some(count) = self.user_counts().get(site_id) {
+            return Ok(*count);
+        }
+        let mut count = 0;
+        for key in self.users.scan_prefix(prefix(site_id)).keys() {
+            key?;
+            count += 1;
+        }
+        self.user_counts().insert(site_id.to_owned(), count);
+        Ok(count)
+    }
+
+    /// Writes a user and its indexes: indexes first, the record is the commit point.
+    fn write_user(&self, user: &User) -> Result<(), StorageError> {
+        let key = key2(&user.site_id, &user.email);
+        self.user_ids
+            .insert(user.user_id.as_bytes(), key.as_slice())?;
+        self.user_sites
+            .insert(key2(&user.email, &user.site_id), &[])?;
+        self.users.insert(key, encode(user))?;
+        Ok(())
+    }
+
+    /// Stores users all or none. Their rows are staged and flushed (a full
+    /// disk fails here, before anything is visible), then the import's key
+    /// is written and flushed: that is the commit point. The rows are then
+    /// applied and the staging removed; `open` finishes an import committed
+    /// before a crash and drops one that was not.
+    fn import_staged(&self, site_id: &str, users: &[&User]) -> Result<(), StorageError> {
+        let import_id = crate::model::time_ordered_id();
+        let staged = self
+            .stage_import(&import_id, users)
+            .and_then(|()| self.flush());
+        if let Err(error) = staged {
+            self.discard_import(&import_id);
+            return Err(error);
+        }
+        let committed = self
+            .user_imports
+            .insert(import_id.as_bytes(), site_id.as_bytes())
+            .map_err(StorageError::from)
+            .and_then(|_| self.flush());
+        if let Err(error) = committed {
+            // Whether the key reached the disk decides after a restart; the
+            // import is then whole or absent either way.
+            let _ = self.user_imports.remove(import_id.as_bytes());
+            self.discard_import(&import_id);
+            return Err(error);
+        }
+        self.apply_import(&import_id)
+    }
+
+    fn stage_import(&self, import_id: &str, users: &[&User]) -> Result<(), StorageError> {
+        for (row, user) in users.iter().enumerate() {
+            self.staged_users
+                .insert(key2(import_id, &format!("{row:06}")), encode(user))?;
+        }
+        Ok(())
+    }
+
+    /// Applies a committed import's staged rows (again, after a crash: the
+    /// writes are idempotent), then removes them and the import's key.
+    fn apply_import(&self, import_id: &str) -> Result<(), StorageError> {
+        let rows = prefix(import_id);
+        for entry in self.staged_users.scan_prefix(&rows) {
+            let (_, value) = entry?;
+            self.write_user(&decode(&value)?)?;
+        }
+        for key in self.staged_users.scan_prefix(&rows).keys() {
+            self.staged_users.remove(key?)?;
+        }
+        self.user_imports.remove(import_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes the staged rows of an import that did not commit.
+    fn discard_import(&self, import_id: &str) {
+        let removed = self
+            .staged_users
+            .scan_prefix(prefix(import_id))
+            .keys()
+            .try_for_each(|key| self.staged_users.remove(key?).map(|_| ()));
+        if let Err(error) = removed {
+            // Dropped by the next start instead.
+            tracing::warn!(%error, import_id, "cannot remove the staged rows of a failed import");
+        }
+    }
+
+    /// Finishes the imports a crash interrupted after their commit point
+    /// and drops the staged rows of those interrupted before it.
+    fn finish_user_imports(&self) -> Result<(), StorageError> {
+        let _guard = hold(&self.users_lock);
+        for entry in self.user_imports.iter() {
+            let (import_id, site_id) = entry?;
+            let import_id = String::from_utf8_lossy(&import_id).into_owned();
+            tracing::warn!(import_id, site_id = %String::from_utf8_lossy(&site_id), "finishing a user import interrupted by a crash");
+            self.apply_import(&import_id)?;
+        }
+        for key in self.staged_users.iter().keys() {
+            self.staged_users.remove(key?)?;
+        }
+        Ok(())
     }
 
     pub fn get_user(&self, site_id: &str, email: &str) -> Result<Option<User>, StorageError> {
@@ -767,6 +927,9 @@ impl Storage {
         }
         // The record first: once it is gone the user is gone.
         self.users.remove(&key)?;
+        if let Some(count) = self.user_counts().get_mut(&user.site_id) {
+            *count = count.saturating_sub(1);
+        }
         self.user_sites.remove(key2(&user.email, &user.site_id))?;
         self.user_ids.remove(user_id.as_bytes())?;
         Ok(Some(user))
@@ -1980,6 +2143,128 @@ mod tests {
             ids(first.items.into_iter().chain(rest.items).collect()),
             expected
         );
+    }
+
+    fn test_user(site_id: &str, i: usize) -> User {
+        User {
+            user_id: format!("us_{site_id}_{i}"),
+            site_id: site_id.into(),
+            email: format!("u{i}@example.com"),
+            display_name: String::new(),
+            created_at: 0,
+        }
+    }
+
+    fn emails(storage: &Storage, site_id: &str) -> Vec<String> {
+        let page = storage.list_users(site_id, "", 1000).expect("list");
+        page.items.into_iter().map(|u| u.email).collect()
+    }
+
+    #[test]
+    fn an_import_interrupted_before_its_commit_point_stores_no_user() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let users: Vec<User> = (0..5).map(|i| test_user("st_1", i)).collect();
+        // What a crash (or a full disk) during staging leaves: rows, no commit.
+        storage
+            .stage_import("imp_1", &users.iter().collect::<Vec<_>>())
+            .expect("stage");
+        assert!(
+            emails(&storage, "st_1").is_empty(),
+            "staged rows are not users"
+        );
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("reopen");
+        assert!(emails(&storage, "st_1").is_empty());
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+        assert_eq!(storage.get_user_by_id("us_st_1_0").expect("get"), None);
+        // And the site can take the same users afterwards.
+        assert_eq!(
+            storage.insert_users("st_1", &users, 10).expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        assert_eq!(emails(&storage, "st_1").len(), 5);
+    }
+
+    #[test]
+    fn an_import_interrupted_after_its_commit_point_is_finished_on_open() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let users: Vec<User> = (0..5).map(|i| test_user("st_1", i)).collect();
+        storage
+            .stage_import("imp_2", &users.iter().collect::<Vec<_>>())
+            .expect("stage");
+        storage
+            .user_imports
+            .insert(b"imp_2", b"st_1".as_slice())
+            .expect("commit");
+        // Crashed after applying the first row.
+        storage.write_user(&users[0]).expect("apply one");
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("reopen");
+        assert_eq!(emails(&storage, "st_1").len(), 5);
+        for user in &users {
+            assert_eq!(
+                storage.get_user_by_id(&user.user_id).expect("get").as_ref(),
+                Some(user)
+            );
+            assert_eq!(
+                storage.sites_of_email(&user.email).expect("sites"),
+                vec!["st_1".to_owned()]
+            );
+        }
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+    }
+
+    #[test]
+    fn users_over_the_site_limit_are_refused_whole() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let users: Vec<User> = (0..6).map(|i| test_user("st_1", i)).collect();
+        assert_eq!(
+            storage.insert_users("st_1", &users, 5).expect("insert"),
+            UsersInserted::OverQuota { users: 0 }
+        );
+        assert!(emails(&storage, "st_1").is_empty());
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[..4], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        // Emails the site has already do not count twice.
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[3..5], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![0] }
+        );
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[5..], 5)
+                .expect("insert"),
+            UsersInserted::OverQuota { users: 5 }
+        );
+        // Another site has its own count; a deletion makes room.
+        assert!(matches!(
+            storage.insert_users("st_2", &[test_user("st_2", 0)], 5),
+            Ok(UsersInserted::Inserted { .. })
+        ));
+        storage.delete_user("us_st_1_0").expect("delete");
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[5..], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        assert_eq!(emails(&storage, "st_1").len(), 5);
     }
 
     #[test]

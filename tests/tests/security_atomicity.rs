@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use mdm_tests::{TestAgent, TestServer, all_actions, eventually, files_under, pb};
 use pb::action_log_service_client::ActionLogServiceClient;
@@ -268,4 +269,160 @@ async fn every_file_of_the_data_dir_is_owner_only() {
     assert!(data_dir.join("db/db").exists() && data_dir.join("db/conf").exists());
     assert!(seen > 10, "walked {seen} entries");
     assert!(wrong.is_empty(), "not owner-only: {wrong:#?}");
+}
+
+fn csv_of(emails: impl IntoIterator<Item = String>) -> String {
+    let mut csv = String::from("email,display_name\n");
+    for email in emails {
+        csv.push_str(&email);
+        csv.push_str(",\n");
+    }
+    csv
+}
+
+async fn user_emails(users: &mut UserServiceClient<Channel>, site_id: &str) -> Vec<String> {
+    let mut emails = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = users
+            .list_users(pb::ListUsersRequest {
+                site_id: site_id.into(),
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        emails.extend(page.users.into_iter().map(|u| u.email));
+        if page.next_page_token.is_empty() {
+            return emails;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// A site admin cannot grow a site past the server's per-site user limit;
+/// a call over it is RESOURCE_EXHAUSTED and stores none of its rows.
+#[tokio::test]
+async fn imports_and_users_over_the_per_site_limit_store_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut config = mdm_server::Config::for_data_dir(temp.path().join("data"));
+    config.max_users_per_site = 5;
+    let server = TestServer::start_with(config).await.unwrap();
+    let site_id = create_site(
+        &mut SiteServiceClient::new(server.admin_channel(&server.owner()).await),
+        "Quota",
+    )
+    .await;
+    let admin = server.add_admin(
+        "siteadmin@example.com",
+        mdm_server::admins::Role::SiteAdmin,
+        &[&site_id],
+    );
+    let mut users = UserServiceClient::new(server.admin_channel(&admin).await);
+    let import = |csv: String| pb::ImportUsersRequest {
+        site_id: site_id.clone(),
+        csv,
+    };
+
+    let six = csv_of((0..6).map(|i| format!("a{i}@example.com")));
+    let status = users.import_users(import(six)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("at most 5") && status.message().contains("nothing was stored"),
+        "{}",
+        status.message()
+    );
+    assert!(user_emails(&mut users, &site_id).await.is_empty());
+
+    let report = users
+        .import_users(import(csv_of((0..3).map(|i| format!("b{i}@example.com")))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.imported, 3);
+    let status = users
+        .import_users(import(csv_of((0..3).map(|i| format!("c{i}@example.com")))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(user_emails(&mut users, &site_id).await.len(), 3);
+
+    for i in 0..3 {
+        let result = users
+            .create_user(pb::CreateUserRequest {
+                site_id: site_id.clone(),
+                email: format!("d{i}@example.com"),
+                display_name: String::new(),
+            })
+            .await;
+        if i < 2 {
+            result.unwrap();
+        } else {
+            assert_eq!(result.unwrap_err().code(), Code::ResourceExhausted);
+        }
+    }
+    let mut stored = user_emails(&mut users, &site_id).await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            "b0@example.com",
+            "b1@example.com",
+            "b2@example.com",
+            "d0@example.com",
+            "d1@example.com"
+        ]
+    );
+}
+
+/// A 50,000-row import runs off the runtime's worker: a GetSite sent on
+/// the same server meanwhile answers long before the import is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_large_import_does_not_stall_other_calls() {
+    let server = TestServer::start().await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let mut sites = SiteServiceClient::new(channel.clone());
+    let site_id = create_site(&mut sites, "Big import").await;
+    let csv = csv_of((0..50_000).map(|i| format!("u{i:05}@x.io")));
+    let mut users = UserServiceClient::new(channel.clone());
+    let import_site = site_id.clone();
+    let started = Instant::now();
+    let import = tokio::spawn(async move {
+        let report = users
+            .import_users(pb::ImportUsersRequest {
+                site_id: import_site,
+                csv,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (report, started.elapsed())
+    });
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    while !import.is_finished() {
+        let sent = Instant::now();
+        sites
+            .get_site(pb::GetSiteRequest {
+                site_id: site_id.clone(),
+            })
+            .await
+            .unwrap();
+        slowest = slowest.max(sent.elapsed());
+        answered += 1;
+    }
+    let (report, took) = import.await.unwrap();
+    assert_eq!(report.imported, 50_000, "{:?}", report.errors.first());
+    // A GetSite waiting for the import would take about as long as it.
+    assert!(
+        answered >= 5 && slowest < took / 4,
+        "{answered} GetSite calls during a {took:?} import, the slowest took {slowest:?}"
+    );
+    assert_eq!(
+        user_emails(&mut UserServiceClient::new(channel), &site_id)
+            .await
+            .len(),
+        50_000
+    );
 }
