@@ -64,6 +64,18 @@ pub enum StorageError {
     Locked(String),
 }
 
+impl StorageError {
+    /// Whether the disk under the database is full. (sled repeats the first
+    /// I/O error of its log for every later write, keeping only its kind.)
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StorageError::Sled(sled::Error::Io(io)) | StorageError::Files(io) => io,
+            _ => return false,
+        };
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28)
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("domain records always serialize")
 }
@@ -136,6 +148,21 @@ impl OpenCommands {
     fn oldest(&self) -> Option<&String> {
         self.by_device.values().filter_map(|ids| ids.first()).min()
     }
+}
+
+/// Removes `snap.*.generating` files from a sled directory; whether there were any.
+fn remove_half_written_snapshots(path: &Path) -> Result<bool, StorageError> {
+    let mut removed = false;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    Ok(removed)
 }
 
 /// The smallest time-ordered id (UUID v7) of `at`: ids of later records sort after it.
@@ -588,6 +615,12 @@ impl Storage {
                         return Err(StorageError::Locked(path.display().to_string()));
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                // sled reads a snapshot it never finished writing (a full
+                // disk, a kill) as the newest one and calls it corrupt. It
+                // held the file lock when it said so: nobody else writes them.
+                Err(sled::Error::Corruption { .. }) if remove_half_written_snapshots(path)? => {
+                    tracing::warn!(path = %path.display(), "removed a snapshot sled had not finished writing");
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -2265,6 +2298,35 @@ mod tests {
             UsersInserted::Inserted { existing: vec![] }
         );
         assert_eq!(emails(&storage, "st_1").len(), 5);
+    }
+
+    /// A snapshot sled was writing when the disk filled up (or the process
+    /// died) is left as `snap.<lsn>.generating`, which sled 0.34 would read
+    /// as the newest snapshot and refuse as corrupt.
+    #[test]
+    fn a_half_written_snapshot_does_not_stop_the_database_from_opening() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        storage
+            .put_site(&crate::model::Site {
+                site_id: "st_1".into(),
+                display_name: "One".into(),
+                failed_attempt_limit: 5,
+                created_at: 0,
+                reset_passcode_visible_days: 0,
+                passcode_policy: Default::default(),
+                webhook: None,
+            })
+            .expect("put");
+        storage.flush().expect("flush");
+        drop(storage);
+        let half = path.join("snap.7FFFFFFFFFFFFFFF.generating");
+        std::fs::write(&half, [0xA5; 100]).expect("write");
+
+        let storage = Storage::open(&path).expect("opens");
+        assert!(storage.get_site("st_1").expect("get").is_some());
+        assert!(!half.exists());
     }
 
     #[test]

@@ -426,3 +426,156 @@ async fn a_large_import_does_not_stall_other_calls() {
         50_000
     );
 }
+
+/// A small tmpfs of our own, unmounted when dropped.
+struct Tmpfs {
+    path: std::path::PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// None when this machine does not let us mount (not root, or in a
+    /// container without the right); CI must be able to.
+    fn mount(size: &str) -> Option<Self> {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Some(Self {
+                path,
+                _parent: parent,
+            }),
+            other => {
+                let why = match other {
+                    Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                    Err(error) => error.to_string(),
+                };
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI must be able to mount a small tmpfs for the full-disk test: {why}"
+                );
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs here ({why}); the full-disk test needs root"
+                );
+                None
+            }
+        }
+    }
+
+    /// Writes a file until the file system is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0xA5u8; chunk];
+            while file.write_all(&bytes).is_ok() {}
+        }
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A full disk in the middle of an import fails the import whole, and once
+/// space is freed the server opens its data dir again with every user it
+/// had before and none of the import's.
+#[tokio::test]
+async fn a_full_disk_fails_an_import_whole_and_the_data_dir_opens_again() {
+    let Some(disk) = Tmpfs::mount("64m") else {
+        return;
+    };
+    let data_dir = disk.path.join("data");
+    let port = mdm_tests::free_port();
+    let process = mdm_tests::ServerProcess::start(&data_dir, port).await;
+    let server = TestServer::attach(port, &data_dir);
+    let channel = server.admin_channel(&server.owner()).await;
+    let site_id = create_site(&mut SiteServiceClient::new(channel.clone()), "Full disk").await;
+    let mut users = UserServiceClient::new(channel);
+    let before = csv_of((0..100).map(|i| format!("kept{i}@example.com")));
+    let report = users
+        .import_users(pb::ImportUsersRequest {
+            site_id: site_id.clone(),
+            csv: before,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.imported, 100);
+
+    let filler = disk.fill();
+    let import = csv_of((0..10_000).map(|i| format!("lost{i:05}@x.io")));
+    let status = users
+        .import_users(pb::ImportUsersRequest {
+            site_id: site_id.clone(),
+            csv: import.clone(),
+        })
+        .await
+        .expect_err("the disk is full");
+    assert!(
+        status.message().contains("disk") || status.message().contains("space"),
+        "{status:?}"
+    );
+    // Still running: the import's rows are not visible (or sled refuses reads too).
+    let listed = users
+        .list_users(pb::ListUsersRequest {
+            site_id: site_id.clone(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await;
+    match listed {
+        Ok(page) => assert!(
+            page.get_ref()
+                .users
+                .iter()
+                .all(|u| u.email.starts_with("kept")),
+            "{} users",
+            page.get_ref().users.len()
+        ),
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+    }
+    process.kill().await;
+
+    std::fs::remove_file(filler).unwrap();
+    let process = mdm_tests::ServerProcess::start(&data_dir, port).await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let mut users = UserServiceClient::new(channel);
+    let mut emails = user_emails(&mut users, &site_id).await;
+    emails.sort();
+    let mut kept: Vec<String> = (0..100).map(|i| format!("kept{i}@example.com")).collect();
+    kept.sort();
+    assert_eq!(
+        emails, kept,
+        "the users from before, none of the failed import"
+    );
+    // The same import goes in now.
+    let report = users
+        .import_users(pb::ImportUsersRequest {
+            site_id: site_id.clone(),
+            csv: import,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.imported, 10_000);
+    process.kill().await;
+}
