@@ -175,10 +175,15 @@ impl App {
         }
         let email = email.trim().to_ascii_lowercase();
         let refusal = self.check_passcode(&email, passcode)?;
-        // A good passcode is recorded as used by the enrollment that stores
-        // its device, not here: an enrollment refused after this stores nothing.
         let refusal = match refusal {
-            Ok(verified) => return Ok(Ok(verified)),
+            Ok(verified) => {
+                self.storage
+                    .update_passcode(&verified.site.site_id, |record| {
+                        record.last_used_at = Some(now_millis());
+                        true
+                    })?;
+                return Ok(Ok(verified));
+            }
             Err(refusal) => refusal,
         };
         self.throttle.record_failure(source);

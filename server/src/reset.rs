@@ -92,9 +92,9 @@ impl App {
         policy: PasscodePolicy,
     ) -> Result<PasscodePolicy> {
         validate_policy(&policy)?;
-        let mut site = self.site(site_id)?;
-        site.passcode_policy = policy;
-        self.storage.put_site(&site)?;
+        self.storage
+            .update_site(site_id, |site| site.passcode_policy = policy)?
+            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
         self.commit().await?;
         // Devices online now learn it at once; the others on their next hello.
         let mut token = String::new();

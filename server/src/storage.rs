@@ -345,6 +345,8 @@ pub struct Storage {
     user_imports: sled::Tree,
     /// Serialises changes to company passcode records.
     passcode_lock: Arc<Mutex<()>>,
+    /// Serialises read-modify-write of site records.
+    sites_lock: Arc<Mutex<()>>,
     /// Sites that have a webhook, kept in step with `sites` by `put_site`:
     /// every action change asks, and most sites have none.
     webhook_sites: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
@@ -659,6 +661,7 @@ impl Storage {
             staged_users: db.open_tree("staged_users")?,
             user_imports: db.open_tree("user_imports")?,
             passcode_lock: Arc::default(),
+            sites_lock: Arc::default(),
             webhook_sites: Arc::default(),
             db,
         })
@@ -736,6 +739,23 @@ impl Storage {
             webhooks.remove(&site.site_id);
         }
         Ok(())
+    }
+
+    /// Changes a site under the sites lock, so that concurrent changes of
+    /// different settings (name, policy, webhook) do not undo each other.
+    /// Returns the site after, or None when there is none.
+    pub fn update_site(
+        &self,
+        site_id: &str,
+        change: impl FnOnce(&mut Site),
+    ) -> Result<Option<Site>, StorageError> {
+        let _guard = hold(&self.sites_lock);
+        let Some(mut site) = self.get_site(site_id)? else {
+            return Ok(None);
+        };
+        change(&mut site);
+        self.put_site(&site)?;
+        Ok(Some(site))
     }
 
     /// Sites ordered by id, keeping those `visible` lets through.

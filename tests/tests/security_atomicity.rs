@@ -579,3 +579,67 @@ async fn a_full_disk_fails_an_import_whole_and_the_data_dir_opens_again() {
     assert_eq!(report.imported, 10_000);
     process.kill().await;
 }
+
+/// Changes of different settings of one site, made at the same time, all
+/// stay: none reads the site before another's write and puts back the old
+/// value (a webhook removed and then restored by a rename, say).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_of_one_site_do_not_undo_each_other() {
+    let server = TestServer::start().await;
+    let channel = server.admin_channel(&server.owner()).await;
+    let mut sites = SiteServiceClient::new(channel.clone());
+    let site_id = create_site(&mut sites, "Round 0").await;
+    for round in 1..=40u32 {
+        let url = format!("http://127.0.0.1:9/hook-{round}");
+        let (mut a, mut b, mut c) = (sites.clone(), sites.clone(), sites.clone());
+        let rename = a.update_site(pb::UpdateSiteRequest {
+            site_id: site_id.clone(),
+            display_name: Some(format!("Round {round}")),
+            ..Default::default()
+        });
+        let webhook = b.set_webhook(pb::SetWebhookRequest {
+            site_id: site_id.clone(),
+            url: url.clone(),
+        });
+        let policy = c.set_passcode_policy(pb::SetPasscodePolicyRequest {
+            site_id: site_id.clone(),
+            policy: Some(pb::PasscodePolicy {
+                min_length: 4 + round,
+                complexity: pb::PasscodeComplexity::Numeric.into(),
+                ..Default::default()
+            }),
+        });
+        let (renamed, hooked, policed) = tokio::join!(rename, webhook, policy);
+        renamed.unwrap();
+        hooked.unwrap();
+        policed.unwrap();
+        let site = sites
+            .get_site(pb::GetSiteRequest {
+                site_id: site_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .site
+            .unwrap();
+        let min_length = sites
+            .get_passcode_policy(pb::GetPasscodePolicyRequest {
+                site_id: site_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .policy
+            .unwrap()
+            .min_length;
+        assert_eq!(
+            (
+                site.display_name.as_str(),
+                site.webhook_url.as_str(),
+                min_length
+            ),
+            (format!("Round {round}").as_str(), url.as_str(), 4 + round),
+            "round {round}"
+        );
+    }
+}
