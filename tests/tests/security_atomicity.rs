@@ -555,7 +555,33 @@ async fn a_full_disk_fails_an_import_whole_and_the_data_dir_opens_again() {
     }
     process.kill().await;
 
+    // Started again before space is freed, it cannot open its database (sled
+    // writes a snapshot when it opens) and says so; what that attempt leaves
+    // must not stop the start after.
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(mdm_tests::server_bin())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("a server on a full disk exits")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("space"), "{stderr}");
+
     std::fs::remove_file(filler).unwrap();
+    let reopened = mdm_server::storage::Storage::open(&data_dir.join("db"));
+    assert!(reopened.is_ok(), "the database opens again: {reopened:?}");
+    drop(reopened);
     let process = mdm_tests::ServerProcess::start(&data_dir, port).await;
     let channel = server.admin_channel(&server.owner()).await;
     let mut users = UserServiceClient::new(channel);
