@@ -227,9 +227,15 @@ impl App {
                     action.advance(ActionStatus::Sent, SENT_DETAIL, now);
                 }
                 storage.put_action(&action)?;
-                for older in &superseded {
-                    storage.put_action(older)?;
-                }
+                // The command is stored from here on, so this call must not fail: an
+                // older one that cannot be marked superseded stays queued instead.
+                superseded.retain(|older| match storage.put_action(older) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::error!(%error, action_id = %older.action_id, "cannot mark a superseded command");
+                        false
+                    }
+                });
                 Ok(StoredCommand {
                     action,
                     superseded,
