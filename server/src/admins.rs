@@ -198,10 +198,11 @@ impl AdminRegistry {
     }
 
     fn update<T>(&self, change: impl FnOnce(&mut RegistryFile) -> T) -> Result<T, RegistryError> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
+        let mut options = OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let lock = options
             .open(&self.lock_path)
             .map_err(|source| self.io(source))?;
         lock.lock().map_err(|source| self.io(source))?;

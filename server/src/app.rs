@@ -43,6 +43,8 @@ pub struct App {
     pub(crate) action_updates: broadcast::Sender<crate::model::Action>,
     /// Where webhooks may connect.
     pub(crate) webhook_policy: crate::destination::Policy,
+    /// Most users one site may have.
+    pub(crate) max_users_per_site: usize,
 }
 
 impl App {
@@ -78,6 +80,7 @@ impl App {
                 allow_private: config.webhook_allow_private_networks,
                 hosts: config.webhook_hosts.clone(),
             },
+            max_users_per_site: config.max_users_per_site,
         }
     }
 

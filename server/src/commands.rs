@@ -85,6 +85,26 @@ fn supersedes(kind: ActionType) -> bool {
     matches!(kind, ActionType::Lock | ActionType::ResetPasscode)
 }
 
+/// The command's time to live: the default when none is given.
+pub fn validate_ttl(ttl: Option<Duration>) -> Result<Duration> {
+    let ttl = ttl.unwrap_or(DEFAULT_COMMAND_TTL);
+    if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
+        return Err(Error::InvalidArgument(format!(
+            "ttl must be between 1 second and {} days",
+            MAX_COMMAND_TTL.as_secs() / 86_400
+        )));
+    }
+    Ok(ttl)
+}
+
+/// A command stored but not yet committed, published or handed to its stream.
+#[derive(Debug)]
+pub(crate) struct StoredCommand {
+    action: Action,
+    superseded: Vec<Action>,
+    direct: bool,
+}
+
 impl App {
     /// Queues a command for a device, durably, and hands it to its stream.
     pub async fn queue_command(
@@ -156,15 +176,27 @@ impl App {
         payload: CommandPayload,
         ttl: Option<Duration>,
     ) -> Result<Action> {
-        let ttl = ttl.unwrap_or(DEFAULT_COMMAND_TTL);
-        if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
-            return Err(Error::InvalidArgument(format!(
-                "ttl must be between 1 second and {} days",
-                MAX_COMMAND_TTL.as_secs() / 86_400
-            )));
-        }
-        let device_id = device.device_id.as_str();
+        let ttl = validate_ttl(ttl)?;
         self.check_command(device, action_type)?;
+        let stored =
+            self.store_command(action_id, device, admin_email, action_type, payload, ttl)?;
+        self.send_stored_command(stored).await
+    }
+
+    /// Writes a command (already validated) and supersedes older ones, under
+    /// the device's actions lock. The new record goes in first: a crash in
+    /// between leaves an older command queued too, never a canceled one
+    /// without the command that replaced it.
+    pub(crate) fn store_command(
+        &self,
+        action_id: String,
+        device: &Device,
+        admin_email: &str,
+        action_type: ActionType,
+        payload: CommandPayload,
+        ttl: Duration,
+    ) -> Result<StoredCommand> {
+        let device_id = device.device_id.as_str();
         let now = now_millis();
         let mut action =
             Action::pending(action_id, device, action_type, admin_email, "queued", now);
@@ -172,37 +204,60 @@ impl App {
             now.saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX));
         action.payload = Some(payload);
         let online = self.live.is_online(device_id);
-        let (superseded, direct) =
-            self.storage
-                .with_device_actions_locked(device_id, |storage| {
-                    let mut superseded = Vec::new();
-                    let mut older_waits = false;
-                    for mut older in storage.queued_actions(device_id)? {
-                        if supersedes(action_type)
-                            && supersedes(older.action_type)
-                            && older.status == ActionStatus::Pending
-                            && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
-                        {
-                            older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
-                            storage.put_action(&older)?;
-                            superseded.push(older);
-                        } else if older.status == ActionStatus::Pending {
-                            older_waits = true;
-                        }
+        let stored = self
+            .storage
+            .with_device_actions_locked(device_id, |storage| {
+                let mut superseded = Vec::new();
+                let mut older_waits = false;
+                for mut older in storage.queued_actions(device_id)? {
+                    if supersedes(action_type)
+                        && supersedes(older.action_type)
+                        && older.status == ActionStatus::Pending
+                        && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
+                    {
+                        older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
+                        superseded.push(older);
+                    } else if older.status == ActionStatus::Pending {
+                        older_waits = true;
                     }
-                    // Commands go out in queue order: one behind an unsent command waits its turn.
-                    let direct = online && !older_waits;
-                    if direct {
-                        action.advance(ActionStatus::Sent, SENT_DETAIL, now);
+                }
+                // Commands go out in queue order: one behind an unsent command waits its turn.
+                let direct = online && !older_waits;
+                if direct {
+                    action.advance(ActionStatus::Sent, SENT_DETAIL, now);
+                }
+                storage.put_action(&action)?;
+                // The command is stored from here on, so this call must not fail: an
+                // older one that cannot be marked superseded stays queued instead.
+                superseded.retain(|older| match storage.put_action(older) {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::error!(%error, action_id = %older.action_id, "cannot mark a superseded command");
+                        false
                     }
-                    storage.put_action(&action)?;
-                    Ok((superseded, direct))
-                })?;
+                });
+                Ok(StoredCommand {
+                    action,
+                    superseded,
+                    direct,
+                })
+            })?;
+        Ok(stored)
+    }
+
+    /// Commits a stored command, tells watchers, and hands it to its stream.
+    pub(crate) async fn send_stored_command(&self, stored: StoredCommand) -> Result<Action> {
+        let StoredCommand {
+            action,
+            superseded,
+            direct,
+        } = stored;
         self.commit().await?;
         for older in superseded {
             self.publish(older);
         }
         self.publish(action.clone());
+        let device_id = action.device_id.as_str();
         let signal = if direct {
             StreamSignal::Command(Box::new(action.clone()))
         } else {
@@ -211,7 +266,7 @@ impl App {
             }
         };
         self.live.signal(device_id, signal);
-        tracing::info!(action_id = %action.action_id, device_id, kind = ?action_type, admin = admin_email, "command queued");
+        tracing::info!(action_id = %action.action_id, device_id, kind = ?action.action_type, admin = %action.created_by, "command queued");
         Ok(action)
     }
 

@@ -116,6 +116,10 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub webhook_allow_private_networks: Option<bool>,
+    /// Most users one site may have; CreateUser and ImportUsers beyond it
+    /// are refused [default: 100000].
+    #[arg(long, env = "MDM_MAX_USERS_PER_SITE", value_parser = clap::value_parser!(u32).range(1..=100_000_000), value_name = "N")]
+    pub max_users_per_site: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,9 +195,12 @@ pub struct Config {
     /// Fixed addresses for webhook host names (lower case), used instead of
     /// DNS and checked like DNS answers; for tests and embedders.
     pub webhook_hosts: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    /// Most users one site may have.
+    pub max_users_per_site: usize,
 }
 
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
+pub const DEFAULT_MAX_USERS_PER_SITE: usize = 100_000;
 
 pub const DEFAULT_DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -253,6 +260,7 @@ impl Config {
             connections_per_source: DEFAULT_CONNECTIONS_PER_SOURCE,
             webhook_allow_private_networks: false,
             webhook_hosts: Default::default(),
+            max_users_per_site: DEFAULT_MAX_USERS_PER_SITE,
         }
     }
 }
@@ -274,6 +282,7 @@ pub struct FileConfig {
     heartbeat_interval: Option<String>,
     connections_per_source: Option<u32>,
     webhook_allow_private_networks: Option<bool>,
+    max_users_per_site: Option<u32>,
     smtp: Option<FileSmtp>,
 }
 
@@ -453,6 +462,13 @@ pub fn resolve_with_file(
             .or(file.webhook_allow_private_networks)
             .unwrap_or(false),
         webhook_hosts: Default::default(),
+        max_users_per_site: match args.max_users_per_site.or(file.max_users_per_site) {
+            None => DEFAULT_MAX_USERS_PER_SITE,
+            Some(0) => {
+                return Err(ConfigError("max_users_per_site must be at least 1".into()));
+            }
+            Some(n) => n as usize,
+        },
     })
 }
 

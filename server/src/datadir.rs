@@ -160,8 +160,8 @@ impl DataDir {
             source,
         };
         create_private_dir(out).map_err(out_io)?;
-        write_atomic(&out.join("ca.crt"), ca.cert_pem().as_bytes(), false).map_err(out_io)?;
-        write_atomic(&out.join("admin.crt"), issued.cert_pem.as_bytes(), false).map_err(out_io)?;
+        write_atomic(&out.join("ca.crt"), ca.cert_pem().as_bytes(), true).map_err(out_io)?;
+        write_atomic(&out.join("admin.crt"), issued.cert_pem.as_bytes(), true).map_err(out_io)?;
         write_atomic(&out.join("admin.key"), issued.key_pem.as_bytes(), true).map_err(out_io)?;
         let record = AdminRecord {
             email: email.to_owned(),
@@ -197,7 +197,7 @@ impl DataDir {
                 message: format!("cannot issue the server certificate: {e}"),
             })?;
         let chain = format!("{}{}", issued.cert_pem, ca.cert_pem());
-        write_atomic(&self.server_cert(), chain.as_bytes(), false).map_err(|e| self.io(e))?;
+        write_atomic(&self.server_cert(), chain.as_bytes(), true).map_err(|e| self.io(e))?;
         write_atomic(&self.server_key(), issued.key_pem.as_bytes(), true)
             .map_err(|e| self.io(e))?;
         tracing::info!(?names, "issued a new server certificate");
@@ -278,7 +278,7 @@ fn populate(dir: &DataDir, owner_email: &str) -> Result<(), DataDirError> {
             path: dir.root().to_path_buf(),
             message: format!("cannot create the CA: {e}"),
         })?;
-    write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), false).map_err(io)?;
+    write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), true).map_err(io)?;
     write_atomic(&dir.ca_key(), ca_key.as_bytes(), true).map_err(io)?;
     let secret: Zeroizing<[u8; 32]> = Zeroizing::new(crate::crypto::os_random());
     write_atomic(&dir.secret(), secret.as_slice(), true).map_err(io)?;

@@ -311,16 +311,24 @@ impl App {
                 current.status
             )));
         }
+        let mut unenrolled = false;
         let device = self
             .storage
             .update_device(device_id, |device| {
-                let active = device.status == DeviceStatus::Active;
-                if active {
+                unenrolled = device.status == DeviceStatus::Active;
+                if unenrolled {
                     device.status = DeviceStatus::Unenrolled;
                 }
-                active
+                unenrolled
             })?
             .ok_or_else(|| Error::no_such("device", device_id))?;
+        if !unenrolled {
+            // Another call unenrolled (or replaced) it since the check above.
+            return Err(Error::FailedPrecondition(format!(
+                "device {device_id} is not enrolled (status {:?})",
+                device.status
+            )));
+        }
         let now = now_millis();
         let mut action = Action::pending(
             crate::storage::new_action_id(&device.site_id),

@@ -55,6 +55,13 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Storage(storage) if storage.is_disk_full() => {
+                tracing::error!(%error, "the data dir's disk is full");
+                return Status::unavailable(
+                    "the server's disk is full, so it cannot write its database and this call did not complete; \
+                     free space on the data dir's file system, then restart the server",
+                );
+            }
             Error::Storage(_) | Error::Registry(_) => {
                 // Internal details go to the log, not to the caller.
                 tracing::error!(%error, "internal error");

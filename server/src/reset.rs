@@ -92,9 +92,9 @@ impl App {
         policy: PasscodePolicy,
     ) -> Result<PasscodePolicy> {
         validate_policy(&policy)?;
-        let mut site = self.site(site_id)?;
-        site.passcode_policy = policy;
-        self.storage.put_site(&site)?;
+        self.storage
+            .update_site(site_id, |site| site.passcode_policy = policy)?
+            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
         self.commit().await?;
         // Devices online now learn it at once; the others on their next hello.
         let mut token = String::new();
@@ -146,6 +146,9 @@ impl App {
                 "confirm_user_email does not match the user of device {device_id}; check the device and its user"
             )));
         }
+        // Everything that can refuse the reset is checked before the first write.
+        let ttl = crate::commands::validate_ttl(ttl)?;
+        self.check_command(device, ActionType::ResetPasscode)?;
         let site = self.site(&device.site_id)?;
         let passcode = generate_device_passcode(&site.passcode_policy);
         let action_id = crate::storage::new_action_id(&device.site_id);
@@ -162,11 +165,13 @@ impl App {
             passcode_sealed: self.secrets.seal(&passcode, &command_context(&action_id)),
             message,
         };
-        // Check the command can be queued before recording anything else.
-        self.check_command(device, ActionType::ResetPasscode)?;
         let sealed_for_device = self.secrets.seal(&passcode, &device_context(device_id));
+        // The action record is the commit point: the device's latest reset
+        // and the emails are written before it, and readers of either skip
+        // one whose action does not exist (what a crash in between leaves).
+        let mut previous = None;
         self.storage.update_device(device_id, |device| {
-            device.security.latest_reset = Some(LatestReset {
+            previous = device.security.latest_reset.replace(LatestReset {
                 passcode_sealed: sealed_for_device,
                 reset_at: now,
                 reset_by: admin_email.to_owned(),
@@ -174,19 +179,28 @@ impl App {
             });
             true
         })?;
-        for notification in &notifications {
-            self.storage.put_notification(notification)?;
-        }
-        let action = self
-            .queue_command_as(
-                action_id,
-                device,
-                admin_email,
-                ActionType::ResetPasscode,
-                payload,
-                ttl,
-            )
-            .await?;
+        let stored = notifications
+            .iter()
+            .try_for_each(|notification| self.storage.put_notification(notification))
+            .map_err(Error::from)
+            .and_then(|()| {
+                self.store_command(
+                    action_id.clone(),
+                    device,
+                    admin_email,
+                    ActionType::ResetPasscode,
+                    payload,
+                    ttl,
+                )
+            });
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(error) => {
+                self.undo_reset(device_id, &action_id, previous, &notifications);
+                return Err(error);
+            }
+        };
+        let action = self.send_stored_command(stored).await?;
         self.wake_outbox();
         tracing::info!(
             action_id = %action.action_id,
@@ -196,6 +210,38 @@ impl App {
             "passcode reset queued"
         );
         Ok((action, passcode))
+    }
+
+    /// Takes back what a reset wrote before its action could not be stored.
+    fn undo_reset(
+        &self,
+        device_id: &str,
+        action_id: &str,
+        previous: Option<LatestReset>,
+        notifications: &[Notification],
+    ) {
+        for notification in notifications {
+            if let Err(error) = self
+                .storage
+                .remove_notification(&notification.notification_id)
+            {
+                tracing::error!(%error, "cannot remove the email of a reset that failed");
+            }
+        }
+        let restored = self.storage.update_device(device_id, |device| {
+            let ours = device
+                .security
+                .latest_reset
+                .as_ref()
+                .is_some_and(|r| r.action_id == action_id);
+            if ours {
+                device.security.latest_reset = previous;
+            }
+            ours
+        });
+        if let Err(error) = restored {
+            tracing::error!(%error, device_id, "cannot restore the latest reset of a reset that failed");
+        }
     }
 
     /// The passcode inside a reset command, for sending it to the device.
@@ -242,14 +288,18 @@ impl App {
             compliance: security.compliance.clone(),
             locked: security.locked || self.device_was_locked(&device.device_id)?,
             latest_reset_passcode: None,
-            reset_at: security.latest_reset.as_ref().map(|r| r.reset_at),
-            reset_by: security
-                .latest_reset
-                .as_ref()
-                .map(|r| r.reset_by.clone())
-                .unwrap_or_default(),
+            reset_at: None,
+            reset_by: String::new(),
         };
-        if let Some(latest) = &security.latest_reset {
+        // A latest reset whose action was never stored (a crash right before
+        // its commit point) did not happen.
+        let latest_reset = match &security.latest_reset {
+            Some(latest) if self.storage.get_action(&latest.action_id)?.is_some() => Some(latest),
+            _ => None,
+        };
+        view.reset_at = latest_reset.map(|r| r.reset_at);
+        view.reset_by = latest_reset.map(|r| r.reset_by.clone()).unwrap_or_default();
+        if let Some(latest) = latest_reset {
             let site = self.site(&device.site_id)?;
             let days = i64::from(site.reset_passcode_visible_days);
             let hidden = days > 0 && now_millis() - latest.reset_at > days * 86_400_000;

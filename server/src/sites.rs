@@ -86,22 +86,38 @@ impl App {
     }
 
     pub async fn update_site(&self, site_id: &str, changes: SiteChanges) -> Result<Site> {
-        let mut site = self.site(site_id)?;
-        if let Some(name) = changes.display_name {
-            site.display_name = validate_display_name(&name)?;
+        self.site(site_id)?;
+        // Every change is checked before the site is written.
+        let display_name = changes
+            .display_name
+            .map(|name| validate_display_name(&name))
+            .transpose()?;
+        let limit = changes
+            .failed_attempt_limit
+            .map(validate_failed_attempt_limit)
+            .transpose()?;
+        if changes
+            .reset_passcode_visible_days
+            .is_some_and(|days| days > 3650)
+        {
+            return Err(Error::InvalidArgument(
+                "reset_passcode_visible_days must be at most 3650".into(),
+            ));
         }
-        if let Some(limit) = changes.failed_attempt_limit {
-            site.failed_attempt_limit = validate_failed_attempt_limit(limit)?;
-        }
-        if let Some(days) = changes.reset_passcode_visible_days {
-            if days > 3650 {
-                return Err(Error::InvalidArgument(
-                    "reset_passcode_visible_days must be at most 3650".into(),
-                ));
-            }
-            site.reset_passcode_visible_days = days;
-        }
-        self.storage.put_site(&site)?;
+        let site = self
+            .storage
+            .update_site(site_id, |site| {
+                if let Some(name) = display_name {
+                    site.display_name = name;
+                }
+                if let Some(limit) = limit {
+                    site.failed_attempt_limit = limit;
+                }
+                if let Some(days) = changes.reset_passcode_visible_days {
+                    site.reset_passcode_visible_days = days;
+                }
+            })?
+            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
         self.commit().await?;
         Ok(site)
     }

@@ -40,6 +40,10 @@ const OPEN_SINCE_KEY: &[u8] = b"open_commands_since";
 pub enum StorageError {
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("database files: {0}")]
+    Files(#[from] std::io::Error),
+    #[error("storage work stopped before it finished: {0}")]
+    Stopped(String),
     #[error(
         "the database at {path} has schema version {found}, this server needs {expected}; refusing to start"
     )]
@@ -58,6 +62,18 @@ pub enum StorageError {
         "the database at {0} is in use by another process; is another mdm-server running on this data dir?"
     )]
     Locked(String),
+}
+
+impl StorageError {
+    /// Whether the disk under the database is full. (sled repeats the first
+    /// I/O error of its log for every later write, keeping only its kind.)
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StorageError::Sled(sled::Error::Io(io)) | StorageError::Files(io) => io,
+            _ => return false,
+        };
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28)
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -132,6 +148,21 @@ impl OpenCommands {
     fn oldest(&self) -> Option<&String> {
         self.by_device.values().filter_map(|ids| ids.first()).min()
     }
+}
+
+/// Removes `snap.*.generating` files from a sled directory; whether there were any.
+fn remove_half_written_snapshots(path: &Path) -> Result<bool, StorageError> {
+    let mut removed = false;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    Ok(removed)
 }
 
 /// The smallest time-ordered id (UUID v7) of `at`: ids of later records sort after it.
@@ -227,6 +258,16 @@ pub struct Page<T> {
     pub next_page_token: String,
 }
 
+/// What inserting users did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UsersInserted {
+    /// Stored, but for the users at these indexes: the site had their email.
+    Inserted { existing: Vec<usize> },
+    /// Nothing stored: the site has `users` users and the new ones would
+    /// pass its limit.
+    OverQuota { users: usize },
+}
+
 /// What counting a wrong company passcode did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FailedAttempt {
@@ -304,8 +345,18 @@ pub struct Storage {
     device_locks: Arc<[Mutex<()>; LOCK_STRIPES]>,
     /// Serialises changes to users and their indexes.
     users_lock: Arc<Mutex<()>>,
+    /// How many users each site has, counted once per site on first need
+    /// and kept in step under `users_lock`.
+    user_counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// import id \0 row (6 digits) -> User: rows of an import not applied yet.
+    staged_users: sled::Tree,
+    /// import id -> site id: the commit point of an import whose rows are
+    /// all staged; removed once they are applied.
+    user_imports: sled::Tree,
     /// Serialises changes to company passcode records.
     passcode_lock: Arc<Mutex<()>>,
+    /// Serialises read-modify-write of site records.
+    sites_lock: Arc<Mutex<()>>,
     /// Sites that have a webhook, kept in step with `sites` by `put_site`:
     /// every action change asks, and most sites have none.
     webhook_sites: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
@@ -448,6 +499,7 @@ impl Storage {
             }
         }
         storage.finish_pending_lockouts()?;
+        storage.finish_user_imports()?;
         storage.load_webhook_sites()?;
         Ok(storage)
     }
@@ -558,6 +610,9 @@ impl Storage {
         // the last handle is dropped (after first-start creation, or a
         // restart in one process); a lock held longer is another process.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // sled creates its files with the umask's mode, also later (snapshots):
+        // the directory, owner-only before sled opens it, is what protects them.
+        crate::fsutil::create_private_dir(path)?;
         let db = loop {
             match sled::Config::new()
                 .path(path)
@@ -573,9 +628,16 @@ impl Storage {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                // sled reads a snapshot it never finished writing (a full
+                // disk, a kill) as the newest one and calls it corrupt. It
+                // held the file lock when it said so: nobody else writes them.
+                Err(sled::Error::Corruption { .. }) if remove_half_written_snapshots(path)? => {
+                    tracing::warn!(path = %path.display(), "removed a snapshot sled had not finished writing");
+                }
                 Err(error) => return Err(error.into()),
             }
         };
+        crate::fsutil::make_private_tree(path)?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             sites: db.open_tree("sites")?,
@@ -605,7 +667,11 @@ impl Storage {
             device_locks: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
             device_cache: Arc::default(),
             users_lock: Arc::default(),
+            user_counts: Arc::default(),
+            staged_users: db.open_tree("staged_users")?,
+            user_imports: db.open_tree("user_imports")?,
             passcode_lock: Arc::default(),
+            sites_lock: Arc::default(),
             webhook_sites: Arc::default(),
             db,
         })
@@ -685,6 +751,23 @@ impl Storage {
         Ok(())
     }
 
+    /// Changes a site under the sites lock, so that concurrent changes of
+    /// different settings (name, policy, webhook) do not undo each other.
+    /// Returns the site after, or None when there is none.
+    pub fn update_site(
+        &self,
+        site_id: &str,
+        change: impl FnOnce(&mut Site),
+    ) -> Result<Option<Site>, StorageError> {
+        let _guard = hold(&self.sites_lock);
+        let Some(mut site) = self.get_site(site_id)? else {
+            return Ok(None);
+        };
+        change(&mut site);
+        self.put_site(&site)?;
+        Ok(Some(site))
+    }
+
     /// Sites ordered by id, keeping those `visible` lets through.
     pub fn list_sites(
         &self,
@@ -702,22 +785,160 @@ impl Storage {
 
     /// Inserts users of one site under the users lock, skipping (and
     /// returning the indexes of) those whose email the site already has.
-    pub fn insert_users(&self, site_id: &str, users: &[User]) -> Result<Vec<usize>, StorageError> {
+    /// Refused, with nothing stored, when the site would pass `max_users`.
+    /// Several users go in whole or not at all, also across a crash or a
+    /// full disk: they are staged and flushed, then one key commits them
+    /// (see `import_staged`).
+    pub fn insert_users(
+        &self,
+        site_id: &str,
+        users: &[User],
+        max_users: usize,
+    ) -> Result<UsersInserted, StorageError> {
         let _guard = hold(&self.users_lock);
         let mut existing = Vec::new();
+        let mut new = Vec::new();
         for (index, user) in users.iter().enumerate() {
-            let key = key2(site_id, &user.email);
-            if self.users.contains_key(&key)? {
+            if self.users.contains_key(key2(site_id, &user.email))? {
                 existing.push(index);
-                continue;
+            } else {
+                new.push(user);
             }
-            // Indexes first: the user record is the commit point.
-            self.user_ids
-                .insert(user.user_id.as_bytes(), key.as_slice())?;
-            self.user_sites.insert(key2(&user.email, site_id), &[])?;
-            self.users.insert(key, encode(user))?;
         }
-        Ok(existing)
+        let count = self.site_user_count(site_id)?;
+        if count.saturating_add(new.len()) > max_users {
+            return Ok(UsersInserted::OverQuota { users: count });
+        }
+        let written = match new.as_slice() {
+            [] => Ok(()),
+            // One record is its own commit point.
+            [user] => self.write_user(user),
+            _ => self.import_staged(site_id, &new),
+        };
+        let mut counts = self.user_counts();
+        match written {
+            Ok(()) => {
+                counts.insert(site_id.to_owned(), count + new.len());
+                Ok(UsersInserted::Inserted { existing })
+            }
+            Err(error) => {
+                // Counted again from the records next time.
+                counts.remove(site_id);
+                Err(error)
+            }
+        }
+    }
+
+    fn user_counts(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.user_counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The number of users of the site; callers hold the users lock.
+    fn site_user_count(&self, site_id: &str) -> Result<usize, StorageError> {
+        if let Some(count) = self.user_counts().get(site_id) {
+            return Ok(*count);
+        }
+        let mut count = 0;
+        for key in self.users.scan_prefix(prefix(site_id)).keys() {
+            key?;
+            count += 1;
+        }
+        self.user_counts().insert(site_id.to_owned(), count);
+        Ok(count)
+    }
+
+    /// Writes a user and its indexes: indexes first, the record is the commit point.
+    fn write_user(&self, user: &User) -> Result<(), StorageError> {
+        let key = key2(&user.site_id, &user.email);
+        self.user_ids
+            .insert(user.user_id.as_bytes(), key.as_slice())?;
+        self.user_sites
+            .insert(key2(&user.email, &user.site_id), &[])?;
+        self.users.insert(key, encode(user))?;
+        Ok(())
+    }
+
+    /// Stores users all or none. Their rows are staged and flushed (a full
+    /// disk fails here, before anything is visible), then the import's key
+    /// is written and flushed: that is the commit point. The rows are then
+    /// applied and the staging removed; `open` finishes an import committed
+    /// before a crash and drops one that was not.
+    fn import_staged(&self, site_id: &str, users: &[&User]) -> Result<(), StorageError> {
+        let import_id = crate::model::time_ordered_id();
+        let staged = self
+            .stage_import(&import_id, users)
+            .and_then(|()| self.flush());
+        if let Err(error) = staged {
+            self.discard_import(&import_id);
+            return Err(error);
+        }
+        let committed = self
+            .user_imports
+            .insert(import_id.as_bytes(), site_id.as_bytes())
+            .map_err(StorageError::from)
+            .and_then(|_| self.flush());
+        if let Err(error) = committed {
+            // Whether the key reached the disk decides after a restart; the
+            // import is then whole or absent either way.
+            let _ = self.user_imports.remove(import_id.as_bytes());
+            self.discard_import(&import_id);
+            return Err(error);
+        }
+        self.apply_import(&import_id)
+    }
+
+    fn stage_import(&self, import_id: &str, users: &[&User]) -> Result<(), StorageError> {
+        for (row, user) in users.iter().enumerate() {
+            self.staged_users
+                .insert(key2(import_id, &format!("{row:06}")), encode(user))?;
+        }
+        Ok(())
+    }
+
+    /// Applies a committed import's staged rows (again, after a crash: the
+    /// writes are idempotent), then removes them and the import's key.
+    fn apply_import(&self, import_id: &str) -> Result<(), StorageError> {
+        let rows = prefix(import_id);
+        for entry in self.staged_users.scan_prefix(&rows) {
+            let (_, value) = entry?;
+            self.write_user(&decode(&value)?)?;
+        }
+        for key in self.staged_users.scan_prefix(&rows).keys() {
+            self.staged_users.remove(key?)?;
+        }
+        self.user_imports.remove(import_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes the staged rows of an import that did not commit.
+    fn discard_import(&self, import_id: &str) {
+        let removed = self
+            .staged_users
+            .scan_prefix(prefix(import_id))
+            .keys()
+            .try_for_each(|key| self.staged_users.remove(key?).map(|_| ()));
+        if let Err(error) = removed {
+            // Dropped by the next start instead.
+            tracing::warn!(%error, import_id, "cannot remove the staged rows of a failed import");
+        }
+    }
+
+    /// Finishes the imports a crash interrupted after their commit point
+    /// and drops the staged rows of those interrupted before it.
+    fn finish_user_imports(&self) -> Result<(), StorageError> {
+        let _guard = hold(&self.users_lock);
+        for entry in self.user_imports.iter() {
+            let (import_id, site_id) = entry?;
+            let import_id = String::from_utf8_lossy(&import_id).into_owned();
+            tracing::warn!(import_id, site_id = %String::from_utf8_lossy(&site_id), "finishing a user import interrupted by a crash");
+            self.apply_import(&import_id)?;
+        }
+        for key in self.staged_users.iter().keys() {
+            self.staged_users.remove(key?)?;
+        }
+        Ok(())
     }
 
     pub fn get_user(&self, site_id: &str, email: &str) -> Result<Option<User>, StorageError> {
@@ -769,6 +990,9 @@ impl Storage {
         }
         // The record first: once it is gone the user is gone.
         self.users.remove(&key)?;
+        if let Some(count) = self.user_counts().get_mut(&user.site_id) {
+            *count = count.saturating_sub(1);
+        }
         self.user_sites.remove(key2(&user.email, &user.site_id))?;
         self.user_ids.remove(user_id.as_bytes())?;
         Ok(Some(user))
@@ -1321,6 +1545,14 @@ impl Storage {
         Ok(())
     }
 
+    /// Removes a notification: the record first, then its pending entry.
+    pub fn remove_notification(&self, notification_id: &str) -> Result<(), StorageError> {
+        let id = notification_id.as_bytes();
+        self.outbox.remove(id)?;
+        self.outbox_pending.remove(id)?;
+        Ok(())
+    }
+
     /// Notifications still to deliver, oldest first.
     pub fn pending_notifications(&self) -> Result<Vec<Notification>, StorageError> {
         let mut pending = Vec::new();
@@ -1384,6 +1616,21 @@ impl Storage {
     }
 }
 
+/// The smallest key above every key that starts with `prefix`: the prefix
+/// with its last byte below 0xFF raised and the 0xFF bytes after it dropped
+/// (site tags are hash bytes, so about one site in 256 has a tag ending in
+/// 0xFF). None when every byte is 0xFF (or there is none): no key is above.
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut next = prefix.to_vec();
+    while let Some(last) = next.pop() {
+        if let Some(raised) = last.checked_add(1) {
+            next.push(raised);
+            return Some(next);
+        }
+    }
+    None
+}
+
 /// Reads one page of `tree` under `prefix`, after the key in `page_token`
 /// (hex), in key order or reversed. `keep` decodes an entry and may skip it.
 fn page<T>(
@@ -1404,16 +1651,7 @@ fn page<T>(
         }
         Some(key)
     };
-    let mut upper = prefix.to_vec();
-    let upper_bound = if prefix.is_empty() {
-        Bound::Unbounded
-    } else {
-        // Every key under `prefix` sorts before `prefix` with its last byte raised.
-        if let Some(last) = upper.last_mut() {
-            *last += 1;
-        }
-        Bound::Excluded(upper)
-    };
+    let upper_bound = prefix_successor(prefix).map_or(Bound::Unbounded, Bound::Excluded);
     let range: (Bound<Vec<u8>>, Bound<Vec<u8>>) = match (&after, newest_first) {
         (None, _) => (Bound::Included(prefix.to_vec()), upper_bound),
         (Some(key), false) => (Bound::Excluded(key.clone()), upper_bound),
@@ -1915,6 +2153,257 @@ mod tests {
         let after = storage.get_passcode("st_1").expect("get").expect("record");
         assert!(after.pending_lockout.is_none());
         assert_eq!(after.state, PasscodeState::LockedOut);
+    }
+
+    #[test]
+    fn the_successor_of_a_prefix_carries_past_0xff_bytes() {
+        assert_eq!(prefix_successor(&[1, 2, 3, 4]), Some(vec![1, 2, 3, 5]));
+        assert_eq!(prefix_successor(&[1, 2, 3, 0xFF]), Some(vec![1, 2, 4]));
+        assert_eq!(prefix_successor(&[1, 0xFF, 0xFF, 0xFF]), Some(vec![2]));
+        assert_eq!(prefix_successor(&[0xFF; 4]), None);
+        assert_eq!(prefix_successor(&[]), None);
+    }
+
+    /// Every record under `tag` and none of its neighbours', in both
+    /// directions and across pages, for tags ending in 0xFF bytes.
+    #[test]
+    fn a_page_under_a_prefix_ending_in_0xff_lists_exactly_that_prefix() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let tags: [[u8; 4]; 6] = [
+            [0xFF; 4],
+            [0xFF, 0xFF, 0xFF, 0xFE],
+            [0x12, 0x34, 0x56, 0xFF],
+            [0x12, 0x34, 0x56, 0xFE],
+            [0x12, 0x34, 0x57, 0x00],
+            [0x12, 0xFF, 0xFF, 0xFF],
+        ];
+        for tag in tags {
+            for i in 0..3u8 {
+                let mut key = tag.to_vec();
+                key.extend_from_slice(&[0; 15]);
+                key.push(i);
+                storage.actions.insert(key, &[i]).expect("insert");
+            }
+        }
+        // One key just past the carry of [0x12, 0xFF, 0xFF, 0xFF].
+        storage.actions.insert([0x13], &[9]).expect("insert");
+        let listed = |tag: &[u8], newest_first: bool| {
+            let mut values = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = page(&storage.actions, tag, &token, 2, newest_first, |_, v| {
+                    Ok(Some(v.to_vec()))
+                })
+                .expect("page");
+                values.extend(page.items);
+                if page.next_page_token.is_empty() {
+                    return values;
+                }
+                token = page.next_page_token;
+            }
+        };
+        for tag in tags {
+            assert_eq!(
+                listed(&tag, true),
+                vec![vec![2], vec![1], vec![0]],
+                "{tag:x?}"
+            );
+            assert_eq!(
+                listed(&tag, false),
+                vec![vec![0], vec![1], vec![2]],
+                "{tag:x?}"
+            );
+        }
+    }
+
+    /// A site id whose tag ends in 0xFF (about one in 256 does).
+    fn site_id_with_tag_ending_in_0xff() -> String {
+        (0..100_000)
+            .map(|i| format!("st_ff{i}"))
+            .find(|id| site_tag(id)[3] == 0xFF)
+            .expect("one in 256 site ids")
+    }
+
+    #[test]
+    fn the_action_log_of_a_site_whose_tag_ends_in_0xff_lists_its_actions() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let site = site_id_with_tag_ending_in_0xff();
+        let now = now_millis();
+        let mine: Vec<Action> = (0..3)
+            .map(|i| open_command_of(&site, "dv_ff", action_id_at(&site, now + i), now + i))
+            .collect();
+        let other = open_command_of("st_other", "dv_o", action_id_at("st_other", now), now);
+        for action in mine.iter().chain([&other]) {
+            storage.put_action(action).expect("put");
+        }
+        let listed = storage
+            .list_actions(&site, None, "", 10, |_| true)
+            .expect("list");
+        let expected: Vec<String> = mine.iter().rev().map(|a| a.action_id.clone()).collect();
+        assert_eq!(ids(listed.items), expected);
+        let first = storage
+            .list_actions(&site, None, "", 2, |_| true)
+            .expect("list");
+        let rest = storage
+            .list_actions(&site, None, &first.next_page_token, 2, |_| true)
+            .expect("list");
+        assert_eq!(
+            ids(first.items.into_iter().chain(rest.items).collect()),
+            expected
+        );
+    }
+
+    fn test_user(site_id: &str, i: usize) -> User {
+        User {
+            user_id: format!("us_{site_id}_{i}"),
+            site_id: site_id.into(),
+            email: format!("u{i}@example.com"),
+            display_name: String::new(),
+            created_at: 0,
+        }
+    }
+
+    fn emails(storage: &Storage, site_id: &str) -> Vec<String> {
+        let page = storage.list_users(site_id, "", 1000).expect("list");
+        page.items.into_iter().map(|u| u.email).collect()
+    }
+
+    #[test]
+    fn an_import_interrupted_before_its_commit_point_stores_no_user() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let users: Vec<User> = (0..5).map(|i| test_user("st_1", i)).collect();
+        // What a crash (or a full disk) during staging leaves: rows, no commit.
+        storage
+            .stage_import("imp_1", &users.iter().collect::<Vec<_>>())
+            .expect("stage");
+        assert!(
+            emails(&storage, "st_1").is_empty(),
+            "staged rows are not users"
+        );
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("reopen");
+        assert!(emails(&storage, "st_1").is_empty());
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+        assert_eq!(storage.get_user_by_id("us_st_1_0").expect("get"), None);
+        // And the site can take the same users afterwards.
+        assert_eq!(
+            storage.insert_users("st_1", &users, 10).expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        assert_eq!(emails(&storage, "st_1").len(), 5);
+    }
+
+    #[test]
+    fn an_import_interrupted_after_its_commit_point_is_finished_on_open() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let users: Vec<User> = (0..5).map(|i| test_user("st_1", i)).collect();
+        storage
+            .stage_import("imp_2", &users.iter().collect::<Vec<_>>())
+            .expect("stage");
+        storage
+            .user_imports
+            .insert(b"imp_2", b"st_1".as_slice())
+            .expect("commit");
+        // Crashed after applying the first row.
+        storage.write_user(&users[0]).expect("apply one");
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("reopen");
+        assert_eq!(emails(&storage, "st_1").len(), 5);
+        for user in &users {
+            assert_eq!(
+                storage.get_user_by_id(&user.user_id).expect("get").as_ref(),
+                Some(user)
+            );
+            assert_eq!(
+                storage.sites_of_email(&user.email).expect("sites"),
+                vec!["st_1".to_owned()]
+            );
+        }
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+    }
+
+    #[test]
+    fn users_over_the_site_limit_are_refused_whole() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::create(&temp.path().join("db")).expect("create");
+        let users: Vec<User> = (0..6).map(|i| test_user("st_1", i)).collect();
+        assert_eq!(
+            storage.insert_users("st_1", &users, 5).expect("insert"),
+            UsersInserted::OverQuota { users: 0 }
+        );
+        assert!(emails(&storage, "st_1").is_empty());
+        assert!(storage.staged_users.is_empty() && storage.user_imports.is_empty());
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[..4], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        // Emails the site has already do not count twice.
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[3..5], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![0] }
+        );
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[5..], 5)
+                .expect("insert"),
+            UsersInserted::OverQuota { users: 5 }
+        );
+        // Another site has its own count; a deletion makes room.
+        assert!(matches!(
+            storage.insert_users("st_2", &[test_user("st_2", 0)], 5),
+            Ok(UsersInserted::Inserted { .. })
+        ));
+        storage.delete_user("us_st_1_0").expect("delete");
+        assert_eq!(
+            storage
+                .insert_users("st_1", &users[5..], 5)
+                .expect("insert"),
+            UsersInserted::Inserted { existing: vec![] }
+        );
+        assert_eq!(emails(&storage, "st_1").len(), 5);
+    }
+
+    /// A snapshot sled was writing when the disk filled up (or the process
+    /// died) is left as `snap.<lsn>.generating`, which sled 0.34 would read
+    /// as the newest snapshot and refuse as corrupt.
+    #[test]
+    fn a_half_written_snapshot_does_not_stop_the_database_from_opening() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        storage
+            .put_site(&crate::model::Site {
+                site_id: "st_1".into(),
+                display_name: "One".into(),
+                failed_attempt_limit: 5,
+                created_at: 0,
+                reset_passcode_visible_days: 0,
+                passcode_policy: Default::default(),
+                webhook: None,
+            })
+            .expect("put");
+        storage.flush().expect("flush");
+        drop(storage);
+        let half = path.join("snap.7FFFFFFFFFFFFFFF.generating");
+        std::fs::write(&half, [0xA5; 100]).expect("write");
+
+        let storage = Storage::open(&path).expect("opens");
+        assert!(storage.get_site("st_1").expect("get").is_some());
+        assert!(!half.exists());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::config::validate_email;
 use crate::error::{Error, Result};
 use crate::model::{User, now_millis, short_id};
-use crate::storage::Page;
+use crate::storage::{Page, StorageError, UsersInserted};
 
 /// Largest CSV import, in rows.
 pub const MAX_IMPORT_ROWS: usize = 50_000;
@@ -59,14 +59,22 @@ impl App {
             display_name: normalize_display_name(display_name)?,
             created_at: now_millis(),
         };
-        let existing = self
-            .storage
-            .insert_users(site_id, std::slice::from_ref(&user))?;
-        if !existing.is_empty() {
-            return Err(Error::AlreadyExists(format!(
-                "site {site_id} already has a user {}",
-                user.email
-            )));
+        let inserted = self.storage.insert_users(
+            site_id,
+            std::slice::from_ref(&user),
+            self.max_users_per_site,
+        )?;
+        match inserted {
+            UsersInserted::Inserted { existing } if existing.is_empty() => {}
+            UsersInserted::Inserted { .. } => {
+                return Err(Error::AlreadyExists(format!(
+                    "site {site_id} already has a user {}",
+                    user.email
+                )));
+            }
+            UsersInserted::OverQuota { users } => {
+                return Err(over_quota(site_id, users, 1, self.max_users_per_site));
+            }
         }
         self.commit().await?;
         Ok(user)
@@ -106,15 +114,33 @@ impl App {
     }
 
     /// Imports CSV text with the header `email,display_name`. Valid rows go
-    /// in together, in one transaction; each refused row is reported with
-    /// its line and reason.
+    /// in together, all or none (also across a crash or a full disk); each
+    /// refused row is reported with its line and reason. Parsing and storing
+    /// 50,000 rows takes a while: it runs on the blocking pool, so the
+    /// runtime's workers keep serving other calls.
     pub async fn import_users(&self, site_id: &str, csv_text: &str) -> Result<ImportReport> {
         self.site(site_id)?;
-        let (users, mut errors) = parse_users_csv(site_id, csv_text)?;
-        let existing = self.storage.insert_users(
-            site_id,
-            &users.iter().map(|(_, u)| u.clone()).collect::<Vec<_>>(),
-        )?;
+        let storage = self.storage.clone();
+        let max_users = self.max_users_per_site;
+        let (site, csv) = (site_id.to_owned(), csv_text.to_owned());
+        let task = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (users, errors) = parse_users_csv(&site, &csv)?;
+            let rows: Vec<User> = users.iter().map(|(_, u)| u.clone()).collect();
+            let inserted = storage.insert_users(&site, &rows, max_users)?;
+            Ok((users, errors, inserted))
+        });
+        let (users, mut errors, inserted) = match task.await {
+            Ok(result) => result?,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => return Err(StorageError::Stopped(error.to_string()).into()),
+        };
+        let existing = match inserted {
+            UsersInserted::Inserted { existing } => existing,
+            UsersInserted::OverQuota { users: current } => {
+                let new = users.len();
+                return Err(over_quota(site_id, current, new, max_users));
+            }
+        };
         for index in &existing {
             let (line, user) = &users[*index];
             errors.push(ImportError {
@@ -129,6 +155,14 @@ impl App {
         tracing::info!(site_id, imported, refused = errors.len(), "users imported");
         Ok(ImportReport { imported, errors })
     }
+}
+
+fn over_quota(site_id: &str, users: usize, adding: usize, limit: usize) -> Error {
+    Error::ResourceExhausted(format!(
+        "site {site_id} has {users} users and at most {limit} are allowed per site; \
+         adding up to {adding} more would pass it, so nothing was stored: delete users first, \
+         or ask the server's owner to raise --max-users-per-site"
+    ))
 }
 
 /// Valid users with their line numbers, and the refused rows.

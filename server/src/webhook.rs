@@ -130,20 +130,23 @@ impl App {
     /// Sets (or with an empty url removes) the site's webhook; returns the
     /// new signing secret.
     pub async fn set_webhook(&self, site_id: &str, url: &str) -> Result<Option<Zeroizing<String>>> {
-        let mut site = self.site(site_id)?;
-        let secret = if url.trim().is_empty() {
-            site.webhook = None;
-            None
+        self.site(site_id)?;
+        let (webhook, secret) = if url.trim().is_empty() {
+            (None, None)
         } else {
             validate_url(url.trim(), &self.webhook_policy)?;
             let secret = Zeroizing::new(hex::encode(crate::crypto::os_random::<32>()));
-            site.webhook = Some(Webhook {
+            let webhook = Webhook {
                 url: url.trim().to_owned(),
                 secret_sealed: self.secrets.seal(&secret, &format!("webhook:{site_id}")),
-            });
-            Some(secret)
+            };
+            (Some(webhook), Some(secret))
         };
-        self.storage.put_site(&site)?;
+        self.storage
+            .update_site(site_id, |site| site.webhook = webhook)?
+            .ok_or_else(|| {
+                crate::error::Error::NotFound(format!("site {site_id:?} does not exist"))
+            })?;
         self.commit().await?;
         Ok(secret)
     }
