@@ -88,7 +88,8 @@ struct EnrollArgs {
     /// Read the company passcode from standard input (else MDM_COMPANY_PASSCODE, else a hidden prompt).
     #[arg(long)]
     passcode_stdin: bool,
-    /// Enroll again even if this device already has an identity.
+    /// Enroll again even if this device already has an identity; the current
+    /// certificate proves it is this device, so the server replaces its record.
     #[arg(long)]
     force: bool,
     #[command(flatten)]

@@ -616,7 +616,7 @@ async fn concurrent_changes_of_one_site_do_not_undo_each_other() {
     let mut sites = SiteServiceClient::new(channel.clone());
     let site_id = create_site(&mut sites, "Round 0").await;
     for round in 1..=40u32 {
-        let url = format!("http://127.0.0.1:9/hook-{round}");
+        let url = format!("https://hooks.example.com/hook-{round}");
         let (mut a, mut b, mut c) = (sites.clone(), sites.clone(), sites.clone());
         let rename = a.update_site(pb::UpdateSiteRequest {
             site_id: site_id.clone(),
