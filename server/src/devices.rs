@@ -148,18 +148,13 @@ impl App {
         let enrolled = self
             .storage
             .enroll_device(&mut device, request.proven_device.as_deref())?;
-        let replaced = match &enrolled {
-            Enrolled::Replacing(old) => {
-                // The old record's stream, if any, must not outlive it.
-                self.live.signal(old, StreamSignal::Replaced);
-                Some(old.clone())
-            }
-            Enrolled::AlongsideSameSerial(other) => {
-                self.duplicate_serial_alert(&verified.site, &device, other, request.source)?;
-                None
-            }
-            Enrolled::New => None,
-        };
+        if let Enrolled::AlongsideSameSerial(other) = &enrolled
+            && let Err(error) =
+                self.duplicate_serial_alert(&verified.site, &device, other, request.source)
+        {
+            // The device is stored: refusing now would leave it without a certificate.
+            tracing::error!(%error, "cannot record the duplicate-serial alert");
+        }
         let now = now_millis();
         self.storage.update_passcode(&device.site_id, |record| {
             record.enrollments += 1;
@@ -167,6 +162,14 @@ impl App {
             true
         })?;
         self.commit().await?;
+        let replaced = match enrolled {
+            Enrolled::Replacing(old) => {
+                // The old record's stream, if any, must not outlive it.
+                self.live.signal(&old, StreamSignal::Replaced);
+                Some(old)
+            }
+            _ => None,
+        };
         tracing::info!(
             device_id = %device.device_id,
             site_id = %device.site_id,
@@ -292,7 +295,16 @@ impl App {
         let now = now_millis();
         self.storage.update_device(device_id, |device| {
             device.last_seen = Some(now);
-            if let Some(facts) = facts {
+            if let Some(mut facts) = facts {
+                // The serial number is what enrollment checked against the
+                // site's other devices; a stream cannot change it afterwards.
+                if facts.serial_number != device.facts.serial_number {
+                    tracing::warn!(
+                        device_id,
+                        "the agent reports another serial number than it enrolled with; kept the enrolled one"
+                    );
+                    facts.serial_number = device.facts.serial_number.clone();
+                }
                 device.facts = facts;
             }
             true

@@ -111,17 +111,35 @@ impl Mailbox {
     }
 }
 
+type Streams = Arc<Mutex<HashMap<String, (u64, Arc<Mailbox>)>>>;
+
 #[derive(Debug, Default)]
 pub struct LiveStreams {
     next: AtomicU64,
-    streams: Mutex<HashMap<String, (u64, Arc<Mailbox>)>>,
+    streams: Streams,
 }
 
-/// A registered stream: its generation and where its signals arrive.
+/// A registered stream: its generation and where its signals arrive. The
+/// device stays online while this lives (also if its session panics: the
+/// drop takes it offline).
 #[derive(Debug)]
 pub struct Registration {
     pub generation: u64,
+    device_id: String,
     mailbox: Arc<Mailbox>,
+    streams: Streams,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if streams
+            .get(&self.device_id)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            streams.remove(&self.device_id);
+        }
+    }
 }
 
 impl Registration {
@@ -173,18 +191,9 @@ impl LiveStreams {
         }
         Registration {
             generation,
+            device_id: device_id.to_owned(),
             mailbox,
-        }
-    }
-
-    /// Removes the stream if it is still the registered one.
-    pub fn unregister(&self, device_id: &str, generation: u64) {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if streams
-            .get(device_id)
-            .is_some_and(|(g, _)| *g == generation)
-        {
-            streams.remove(device_id);
+            streams: self.streams.clone(),
         }
     }
 
@@ -313,10 +322,16 @@ mod tests {
         let old = live.register("dv_1");
         let new = live.register("dv_1");
         assert_eq!(next(&old).await, Signal::End(StreamEnd::Superseded));
-        live.unregister("dv_1", old.generation);
-        assert!(live.is_online("dv_1"));
+        drop(old);
+        assert!(
+            live.is_online("dv_1"),
+            "the older stream's end leaves the newer"
+        );
         live.signal("dv_1", StreamSignal::Replaced);
         assert_eq!(next(&new).await, Signal::End(StreamEnd::Replaced));
+        let again = live.register("dv_1");
+        drop(again);
+        assert!(!live.is_online("dv_1"), "a dropped registration is offline");
     }
 
     #[tokio::test]

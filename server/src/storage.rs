@@ -376,7 +376,9 @@ const MIN_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 struct GroupCommit {
     state: Mutex<CommitState>,
     /// (highest ticket flushed, highest ticket whose flush failed)
-    done: tokio::sync::watch::Sender<(u64, Option<u64>)>,
+    /// Flushed up to this ticket; the last failed round's ticket, and
+    /// whether it failed for a full disk.
+    done: tokio::sync::watch::Sender<(u64, Option<(u64, bool)>)>,
 }
 
 #[derive(Debug, Default)]
@@ -422,8 +424,8 @@ impl GroupCommit {
             }
             self.done.send_modify(|(flushed, failed)| {
                 *flushed = target;
-                if result.is_err() {
-                    *failed = Some(target);
+                if let Err(error) = result {
+                    *failed = Some((target, StorageError::from(error).is_disk_full()));
                 }
             });
         }
@@ -706,7 +708,10 @@ impl Storage {
             let (flushed, failed) = *done.borrow_and_update();
             if flushed >= ticket {
                 return match failed {
-                    Some(at) if at >= ticket => Err(StorageError::Corrupt(
+                    Some((at, true)) if at >= ticket => Err(StorageError::Files(
+                        std::io::Error::from(std::io::ErrorKind::StorageFull),
+                    )),
+                    Some((at, false)) if at >= ticket => Err(StorageError::Corrupt(
                         "flushing the database failed; see the log".into(),
                     )),
                     _ => Ok(()),
@@ -1148,7 +1153,8 @@ impl Storage {
 
     /// Stores a newly enrolled device. `proven` is the device the enrolling
     /// client proved to be (by its current certificate): an active device of
-    /// the same site is marked replaced by the new one. A serial number alone
+    /// the same site with the same serial number is marked replaced by the
+    /// new one. A serial number alone
     /// proves nothing, so an active device claiming it stays enrolled.
     pub fn enroll_device(
         &self,
@@ -1162,6 +1168,7 @@ impl Storage {
             if let Some(mut old) = self.load_device(old_id)?.map(Arc::unwrap_or_clone)
                 && old.status == DeviceStatus::Active
                 && old.site_id == device.site_id
+                && old.facts.serial_number == device.facts.serial_number
             {
                 old.status = DeviceStatus::Replaced;
                 old.replaced_by_device_id = Some(device.device_id.clone());

@@ -103,7 +103,9 @@ impl SourceLimits {
         }
     }
 
+    /// `source` counts as its IPv6 /64 (one host holds a whole /64).
     fn acquire(self: &Arc<Self>, source: IpAddr, anonymous: bool) -> Option<SourceSlot> {
+        let source = crate::throttle::source_key(source);
         let mut pool = self
             .pool(anonymous)
             .lock()
@@ -452,4 +454,26 @@ fn log_refused(peer: SocketAddr, reason: &str) {
 
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_ipv6_64_shares_the_places_of_one_source() {
+        let limits = SourceLimits::new(2);
+        let address = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 7, 0, 0, 0, last]);
+        let held: Vec<SourceSlot> = (1..=2)
+            .map(|i| limits.acquire(address(i), true).expect("room"))
+            .collect();
+        assert!(
+            limits.acquire(address(3), true).is_none(),
+            "another address of the same /64 is the same source"
+        );
+        let other = IpAddr::from([0x2001, 0xdb8, 0, 8, 0, 0, 0, 1]);
+        assert!(limits.acquire(other, true).is_some(), "another /64 is not");
+        drop(held);
+        assert!(limits.acquire(address(3), true).is_some());
+    }
 }

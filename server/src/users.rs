@@ -44,6 +44,18 @@ fn normalize_display_name(name: &str) -> Result<String> {
     Ok(name.to_owned())
 }
 
+/// Runs storage work that may wait on the users lock (held by an import)
+/// on the blocking pool, so the runtime's workers keep serving other calls.
+async fn off_the_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => Err(StorageError::Stopped(error.to_string()).into()),
+    }
+}
+
 impl App {
     pub async fn create_user(
         &self,
@@ -59,11 +71,17 @@ impl App {
             display_name: normalize_display_name(display_name)?,
             created_at: now_millis(),
         };
-        let inserted = self.storage.insert_users(
-            site_id,
-            std::slice::from_ref(&user),
+        // Waits for the users lock, which an import holds for a while.
+        let (storage, site, row, max_users) = (
+            self.storage.clone(),
+            site_id.to_owned(),
+            user.clone(),
             self.max_users_per_site,
-        )?;
+        );
+        let inserted = off_the_runtime(move || {
+            Ok(storage.insert_users(&site, std::slice::from_ref(&row), max_users)?)
+        })
+        .await?;
         match inserted {
             UsersInserted::Inserted { existing } if existing.is_empty() => {}
             UsersInserted::Inserted { .. } => {
@@ -105,9 +123,9 @@ impl App {
     }
 
     pub async fn delete_user(&self, user_id: &str) -> Result<User> {
-        let user = self
-            .storage
-            .delete_user(user_id)?
+        let (storage, id) = (self.storage.clone(), user_id.to_owned());
+        let user = off_the_runtime(move || Ok(storage.delete_user(&id)?))
+            .await?
             .ok_or_else(|| Error::no_such("user", user_id))?;
         self.commit().await?;
         Ok(user)
@@ -123,17 +141,13 @@ impl App {
         let storage = self.storage.clone();
         let max_users = self.max_users_per_site;
         let (site, csv) = (site_id.to_owned(), csv_text.to_owned());
-        let task = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (users, mut errors, inserted) = off_the_runtime(move || {
             let (users, errors) = parse_users_csv(&site, &csv)?;
             let rows: Vec<User> = users.iter().map(|(_, u)| u.clone()).collect();
             let inserted = storage.insert_users(&site, &rows, max_users)?;
             Ok((users, errors, inserted))
-        });
-        let (users, mut errors, inserted) = match task.await {
-            Ok(result) => result?,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => return Err(StorageError::Stopped(error.to_string()).into()),
-        };
+        })
+        .await?;
         let existing = match inserted {
             UsersInserted::Inserted { existing } => existing,
             UsersInserted::OverQuota { users: current } => {

@@ -620,6 +620,45 @@ async fn a_serial_number_alone_takes_over_nothing_and_raises_an_alert() {
 }
 
 #[tokio::test]
+async fn a_stream_cannot_change_the_serial_number_a_device_enrolled_with() {
+    use pb::connect_request::Message as Up;
+    let server = TestServer::start().await;
+    let (_, passcode) = site_with_passcode(&server, "fay@example.com", 0).await;
+    let agent = TestAgent::new();
+    assert!(
+        agent
+            .enroll(&server, "fay@example.com", &passcode)
+            .await
+            .status
+            .success()
+    );
+    let device_id = agent.device_id();
+    let (up, rx) = tokio::sync::mpsc::channel(8);
+    up.send(pb::ConnectRequest {
+        message: Some(Up::Hello(pb::AgentHello {
+            facts: Some(pb::DeviceFacts {
+                platform: pb::Platform::Linux.into(),
+                serial_number: "SOMEONE-ELSES".into(),
+                hostname: "renamed".into(),
+                ..Default::default()
+            }),
+            compliance: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut down = AgentServiceClient::new(device_channel(&server, &agent).await)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    down.message().await.unwrap().unwrap();
+    let device = get_device(&server, &device_id).await;
+    assert_eq!(device.hostname, "renamed", "other facts are taken");
+    assert_eq!(device.serial_number, agent.serial);
+}
+
+#[tokio::test]
 async fn re_enrolling_with_the_current_identity_replaces_the_old_record() {
     let server = TestServer::start().await;
     let (site_id, passcode) = site_with_passcode(&server, "fay@example.com", 0).await;

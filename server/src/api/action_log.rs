@@ -63,22 +63,42 @@ impl ActionLogApi {
             tokio::pin!(stopped);
             loop {
                 let item = tokio::select! {
+                    biased;
+                    _ = recheck.tick() => match still_allowed() {
+                        Ok(()) => continue,
+                        Err(status) => {
+                            // A watcher that stopped reading does not get
+                            // the status; its watch ends all the same.
+                            let _ = tx.try_send(Err(status));
+                            return;
+                        }
+                    },
+                    () = &mut stopped => return,
+                    () = tx.closed() => return,
                     item = events.next() => match item {
                         Some(item) => item,
                         None => return,
                     },
-                    _ = recheck.tick() => match still_allowed() {
-                        Ok(()) => continue,
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    },
-                    () = tx.closed() => return,
-                    () = &mut stopped => return,
                 };
                 let last = item.is_err();
-                if tx.send(item).await.is_err() || last {
+                // Waiting for room in a watcher that reads slowly still sees
+                // a revocation.
+                let permit = loop {
+                    tokio::select! {
+                        biased;
+                        _ = recheck.tick() => if let Err(status) = still_allowed() {
+                            let _ = tx.try_send(Err(status));
+                            return;
+                        },
+                        () = &mut stopped => return,
+                        permit = tx.reserve() => match permit {
+                            Ok(permit) => break permit,
+                            Err(_) => return,
+                        },
+                    }
+                };
+                permit.send(item);
+                if last {
                     return;
                 }
             }

@@ -112,9 +112,7 @@ impl AgentService for AgentApi {
             .app
             .device_certificate_valid(&device.device_id, &device.serial)?
         {
-            self.app
-                .live
-                .unregister(&device.device_id, registration.generation);
+            drop(registration);
             return Err(Status::unauthenticated(
                 "the device certificate is revoked; enroll again",
             ));
@@ -144,9 +142,16 @@ impl AgentService for AgentApi {
         tokio::spawn(async move {
             let (tx, close_connection) = session.run(inbound).await;
             if close_connection && let Some(peer) = peer {
-                // Let an agent that reads take what was sent; one that
-                // does not loses its connection, or the stream would stay.
-                let drained = tokio::time::timeout(DRAIN_BEFORE_CLOSE, tx.closed()).await;
+                // Let an agent that reads take what was sent (then the
+                // stream ends when `tx` is dropped); one that does not loses
+                // its connection, or its stream would stay open.
+                let drained = tokio::time::timeout(DRAIN_BEFORE_CLOSE, async {
+                    while tx.capacity() < tx.max_capacity() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                drop(tx);
                 if drained.is_err() {
                     connections.close(peer);
                 }
@@ -217,10 +222,8 @@ impl Session {
             Stop::Stuck => ("the agent stopped reading", true),
             Stop::Other(reason) => (reason, false),
         };
-        self.app
-            .live
-            .unregister(&self.device_id, self.registration.generation);
         tracing::info!(device_id = %self.device_id, reason, "agent stream closed");
+        // Dropping the session (its registration) takes the device offline.
         (self.tx, close_connection)
     }
 
