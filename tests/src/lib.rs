@@ -781,3 +781,20 @@ pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Code
         Err(status) => status.code(),
     }
 }
+
+/// The PostgreSQL the suite runs against: `MDM_TEST_DATABASE_URL`, which
+/// `cargo xtask test` sets to a throwaway cluster it starts. Without it a
+/// test that needs the database is skipped with a note, except in CI
+/// (`CI=true`), where a missing database is a failure.
+pub fn test_database_url() -> Option<String> {
+    match std::env::var("MDM_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but MDM_TEST_DATABASE_URL is not set: run the suite with `cargo xtask test`")
+        }
+        _ => {
+            eprintln!("skipped: no PostgreSQL (MDM_TEST_DATABASE_URL); `cargo xtask test` starts one");
+            None
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //!   run each for `--seconds S`; see `fuzz.rs`.
 
 mod fuzz;
+mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,12 +109,31 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["deny", "check", "bans", "licenses", "sources"])
             .current_dir(root()),
     )?;
+    let database = match postgres::provision(&root().join("target/tools")) {
+        Ok(database) => {
+            eprintln!("xtask: PostgreSQL for the tests: {}", database.origin);
+            Some(database)
+        }
+        // In CI a missing service fails the run; on a laptop the tests that
+        // need it say they were skipped.
+        Err(error) if std::env::var("CI").as_deref() == Ok("true") => {
+            return Err(error.context("cannot start PostgreSQL for the tests"));
+        }
+        Err(error) => {
+            eprintln!("xtask: no PostgreSQL for the tests ({error:#}); its tests are skipped");
+            None
+        }
+    };
     // The end-to-end tests drive the real agent binary, which `cargo test
     // --workspace` builds (for the agent's own CLI tests) before any test runs.
     let target = target_dir();
+    let mut command = cargo();
+    if let Some(database) = &database {
+        command.env("MDM_TEST_DATABASE_URL", &database.url);
+    }
     run(
         "cargo test --workspace",
-        cargo()
+        command
             .args(["test", "--workspace"])
             .args(extra)
             .env("MDM_GRPCURL", &tools.grpcurl)
