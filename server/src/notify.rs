@@ -190,7 +190,6 @@ impl Destination {
             Destination::Mail
         }
     }
-
 }
 
 /// What the deliverer's tasks share.

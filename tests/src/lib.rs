@@ -790,10 +790,14 @@ pub fn test_database_url() -> Option<String> {
     match std::env::var("MDM_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but MDM_TEST_DATABASE_URL is not set: run the suite with `cargo xtask test`")
+            panic!(
+                "CI=true but MDM_TEST_DATABASE_URL is not set: run the suite with `cargo xtask test`"
+            )
         }
         _ => {
-            eprintln!("skipped: no PostgreSQL (MDM_TEST_DATABASE_URL); `cargo xtask test` starts one");
+            eprintln!(
+                "skipped: no PostgreSQL (MDM_TEST_DATABASE_URL); `cargo xtask test` starts one"
+            );
             None
         }
     }

