@@ -13,7 +13,7 @@ use crate::model::{
 };
 
 pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const MAX_COMMAND_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub use crate::model::MAX_COMMAND_TTL;
 /// Why an older lock or reset was canceled.
 pub const SUPERSEDED: &str = "SUPERSEDED";
 const SENT_DETAIL: &str = "sent to the device";

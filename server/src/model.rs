@@ -127,6 +127,9 @@ pub enum PasscodeState {
 
 /// How many failure sources a passcode record remembers for alerts.
 pub const MAX_REMEMBERED_SOURCES: usize = 32;
+/// The longest a command may wait for its device (storage relies on it to
+/// know how far back open commands can be).
+pub const MAX_COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// A site's company passcode as stored: a keyed hash, never the passcode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

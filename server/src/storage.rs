@@ -234,7 +234,7 @@ fn tag_of_key(key: &[u8]) -> Result<u32, StorageError> {
 /// How far back an open command can have been created: its longest life,
 /// and a day for clock adjustments.
 fn open_command_horizon() -> Millis {
-    let longest = crate::commands::MAX_COMMAND_TTL + std::time::Duration::from_secs(86_400);
+    let longest = crate::model::MAX_COMMAND_TTL + std::time::Duration::from_secs(86_400);
     Millis::try_from(longest.as_millis()).unwrap_or(Millis::MAX)
 }
 
