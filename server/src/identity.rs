@@ -58,6 +58,13 @@ static PARSED: std::sync::LazyLock<Mutex<HashMap<Vec<u8>, ClientCert>>> =
     std::sync::LazyLock::new(Mutex::default);
 const PARSED_CAPACITY: usize = 4096;
 
+/// The DER of the client certificate the caller presented, if any.
+pub fn leaf_certificate<T>(request: &Request<T>) -> Option<Vec<u8>> {
+    request
+        .peer_certs()
+        .and_then(|chain| chain.first().map(|leaf| leaf.as_ref().to_vec()))
+}
+
 fn parse_client_cert<T>(request: &Request<T>) -> Result<ClientCert, Status> {
     let certs = request
         .peer_certs()

@@ -185,10 +185,6 @@ impl Connections {
         }
     }
 
-    pub fn count(&self) -> usize {
-        self.lock().len()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<ConnectionEntry>>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }

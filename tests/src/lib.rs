@@ -802,3 +802,23 @@ pub fn test_database_url() -> Option<String> {
         }
     }
 }
+
+/// One wrong company passcode given with `email`, refused as
+/// `PERMISSION_DENIED`; with a site limit of 1 this locks the passcode out.
+pub async fn wrong_passcode(server: &TestServer, email: &str) {
+    let (_, csr) = mdm_agent::enroll::key_and_csr("x").unwrap();
+    let status =
+        pb::enrollment_service_client::EnrollmentServiceClient::new(server.channel(None).await)
+            .enroll(pb::EnrollRequest {
+                user_email: email.into(),
+                company_passcode: "Wrong1Wrong1".into(),
+                csr_pem: csr,
+                device: Some(pb::DeviceFacts {
+                    platform: pb::Platform::Linux.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}

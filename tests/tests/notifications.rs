@@ -11,7 +11,6 @@ use mdm_tests::{
 };
 use pb::action_log_service_client::ActionLogServiceClient;
 use pb::device_service_client::DeviceServiceClient;
-use pb::enrollment_service_client::EnrollmentServiceClient;
 
 fn config(smtp: Option<&SmtpServer>) -> mdm_server::Config {
     let mut config =
@@ -20,24 +19,6 @@ fn config(smtp: Option<&SmtpServer>) -> mdm_server::Config {
         smtp.configure(&mut config);
     }
     config
-}
-
-/// One wrong passcode from `email` (the site's limit is 1: this locks it out).
-async fn wrong_passcode(server: &TestServer, email: &str) {
-    let (_, csr) = mdm_agent::enroll::key_and_csr("x").unwrap();
-    let status = EnrollmentServiceClient::new(server.channel(None).await)
-        .enroll(pb::EnrollRequest {
-            user_email: email.into(),
-            company_passcode: "Wrong1Wrong1".into(),
-            csr_pem: csr,
-            device: Some(pb::DeviceFacts {
-                platform: pb::Platform::Linux.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
 
 async fn notifications(server: &TestServer, site_id: &str) -> Vec<pb::Notification> {
@@ -124,7 +105,7 @@ async fn a_lockout_alert_reaches_every_admin_of_the_site_and_no_one_else() {
     server.add_admin("site-admin@example.com", Role::SiteAdmin, &[&site_id]);
     server.add_admin("other-admin@example.com", Role::SiteAdmin, &[&other_site]);
 
-    wrong_passcode(&server, "ned@example.com").await;
+    mdm_tests::wrong_passcode(&server, "ned@example.com").await;
     let messages = eventually("alert emails arrive", || {
         let messages = smtp.messages();
         async move { (messages.len() >= 2).then_some(messages) }
@@ -155,7 +136,7 @@ async fn mail_waits_while_the_relay_is_down_and_survives_a_server_restart() {
     let (site_id, _) = site_with_passcode(&server, "pat@example.com", 1).await;
 
     // The relay is down: the alert waits, with the error visible.
-    wrong_passcode(&server, "pat@example.com").await;
+    mdm_tests::wrong_passcode(&server, "pat@example.com").await;
     let pending = eventually("a failed attempt is recorded", || {
         let server = &server;
         let site_id = site_id.clone();
@@ -179,7 +160,7 @@ async fn mail_waits_while_the_relay_is_down_and_survives_a_server_restart() {
     // Down again; a second alert waits; the server restarts; then it is delivered.
     smtp.stop().await;
     let (second_site, _) = site_with_passcode(&server, "quinn@example.com", 1).await;
-    wrong_passcode(&server, "quinn@example.com").await;
+    mdm_tests::wrong_passcode(&server, "quinn@example.com").await;
     eventually("the second alert is pending", || {
         let server = &server;
         let second_site = second_site.clone();
@@ -210,7 +191,7 @@ async fn mail_waits_while_the_relay_is_down_and_survives_a_server_restart() {
 async fn without_a_relay_emails_are_written_as_eml_files() {
     let server = TestServer::start().await;
     let (site_id, _) = site_with_passcode(&server, "rex@example.com", 1).await;
-    wrong_passcode(&server, "rex@example.com").await;
+    mdm_tests::wrong_passcode(&server, "rex@example.com").await;
     let dir = server.data_dir.join("outbox/mail");
     let file = eventually("an .eml file is written", || {
         let dir = dir.clone();
@@ -332,7 +313,7 @@ async fn a_webhook_receives_signed_alerts_and_action_changes() {
         .into_inner();
     assert_eq!(set.secret.len(), 64);
 
-    wrong_passcode(&server, "sam@example.com").await;
+    mdm_tests::wrong_passcode(&server, "sam@example.com").await;
     let (signature, body) = tokio::time::timeout(Duration::from_secs(10), received.recv())
         .await
         .unwrap()

@@ -46,25 +46,6 @@ async fn set_webhook(server: &TestServer, site_id: &str, url: &str) -> Result<()
         .map(|_| ())
 }
 
-/// One wrong passcode from `email`; with a site limit of 1 this locks the
-/// passcode out, which raises an alert for the site's webhook.
-async fn lock_out(server: &TestServer, email: &str) {
-    let (_, csr) = mdm_agent::enroll::key_and_csr("x").unwrap();
-    let status = EnrollmentServiceClient::new(server.channel(None).await)
-        .enroll(pb::EnrollRequest {
-            user_email: email.into(),
-            company_passcode: "Wrong1Wrong1".into(),
-            csr_pem: csr,
-            device: Some(pb::DeviceFacts {
-                platform: pb::Platform::Linux.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-}
-
 /// Enrolls a device with the given host name (its facts are what the
 /// agent would report) and returns its id.
 async fn enroll_device(server: &TestServer, email: &str, passcode: &str, hostname: &str) -> String {
@@ -267,7 +248,7 @@ async fn a_name_resolving_to_an_internal_address_is_refused_at_delivery_without_
     .await
     .unwrap();
 
-    lock_out(&server, "bob@example.com").await;
+    mdm_tests::wrong_passcode(&server, "bob@example.com").await;
     let error = first_webhook_error(&server, &site_id).await;
     assert_eq!(error, Unreachable::GENERIC);
     assert!(!error.contains(&port.to_string()) && !error.contains("127.0.0.1"));
@@ -295,7 +276,7 @@ async fn a_failed_delivery_says_nothing_about_ports_or_services() {
         set_webhook(&server, &site_id, &format!("http://127.0.0.1:{port}/hook"))
             .await
             .unwrap();
-        lock_out(&server, &email).await;
+        mdm_tests::wrong_passcode(&server, &email).await;
         errors.push((port, first_webhook_error(&server, &site_id).await));
     }
     for (port, error) in &errors {
@@ -319,7 +300,7 @@ async fn a_redirect_is_not_followed() {
     set_webhook(&server, &site_id, &format!("http://127.0.0.1:{port}/hook"))
         .await
         .unwrap();
-    lock_out(&server, "dora@example.com").await;
+    mdm_tests::wrong_passcode(&server, "dora@example.com").await;
     let error = first_webhook_error(&server, &site_id).await;
     assert!(error.contains("redirects are not followed"), "{error}");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
@@ -364,7 +345,7 @@ async fn a_hanging_webhook_holds_up_its_own_site_only() {
     set_webhook(&server, &site_c, &format!("http://127.0.0.1:{c_port}/hook"))
         .await
         .unwrap();
-    lock_out(&server, "cyd@example.com").await;
+    mdm_tests::wrong_passcode(&server, "cyd@example.com").await;
     let (site_a, passcode_a) = site_with_passcode(&server, "ada@example.com", 0).await;
     let device_a = enroll_device(&server, "ada@example.com", &passcode_a, "ada-desk").await;
     let (_site_b, passcode_b) = site_with_passcode(&server, "ben@example.com", 0).await;

@@ -107,13 +107,6 @@ impl ActionLogApi {
     }
 }
 
-fn leaf_certificate<T>(request: &Request<T>) -> Vec<u8> {
-    request
-        .peer_certs()
-        .and_then(|chain| chain.first().map(|leaf| leaf.as_ref().to_vec()))
-        .unwrap_or_default()
-}
-
 #[tonic::async_trait]
 impl ActionLogService for ActionLogApi {
     async fn list_actions(
@@ -195,7 +188,7 @@ impl ActionLogService for ActionLogApi {
         request: Request<pb::WatchActionsRequest>,
     ) -> Rpc<BoxStream<pb::WatchActionsResponse>> {
         let admin = identity::admin(&request)?;
-        let certificate = leaf_certificate(&request);
+        let certificate = identity::leaf_certificate(&request).unwrap_or_default();
         let request = request.into_inner();
         let device_id = (!request.device_id.is_empty())
             .then(|| required_id("device_id", &request.device_id).map(str::to_owned))
@@ -262,7 +255,7 @@ impl ActionLogService for ActionLogApi {
         request: Request<pb::WatchAlertsRequest>,
     ) -> Rpc<BoxStream<pb::WatchAlertsResponse>> {
         let admin = identity::admin(&request)?;
-        let certificate = leaf_certificate(&request);
+        let certificate = identity::leaf_certificate(&request).unwrap_or_default();
         let site_id = required_id("site_id", &request.get_ref().site_id)?.to_owned();
         authorize_site(&admin, &site_id)?;
         self.app.get_site(&site_id)?;

@@ -208,13 +208,10 @@ impl Session {
                     expires_at: Some(timestamp(now_millis() + 3_600_000)),
                     payload: Some(pb::command::Payload::Unenroll(pb::UnenrollCommand {})),
                 };
-                // Best effort: an agent that reads removes its identity; its
-                // certificate is refused from now on either way.
-                let _ = tokio::time::timeout(
-                    DRAIN_BEFORE_CLOSE,
-                    self.tx.send(outbound(Outbound::Command(command))),
-                )
-                .await;
+                // Best effort: an agent that reads removes its identity (a
+                // full queue means it does not read); its certificate is
+                // refused from now on either way.
+                let _ = self.tx.try_send(outbound(Outbound::Command(command)));
                 ("the device was unenrolled", true)
             }
             Stop::Told(StreamEnd::Replaced) => ("the device enrolled again under a new id", true),

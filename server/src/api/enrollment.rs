@@ -45,9 +45,7 @@ impl EnrollmentService for EnrollmentApi {
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         // A client may prove it is an enrolled device (to re-enroll it in
         // place) by presenting that device's current certificate.
-        let proven_device = request
-            .peer_certs()
-            .and_then(|chain| chain.first().map(|leaf| leaf.as_ref().to_vec()))
+        let proven_device = crate::identity::leaf_certificate(&request)
             .and_then(|leaf| self.devices.authenticate_der(&leaf).ok())
             .map(|device| device.device_id);
         let request = request.into_inner();
