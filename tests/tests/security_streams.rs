@@ -271,3 +271,63 @@ async fn revoked_certificates_count_against_the_per_source_connection_limit() {
     // The owner's connections were never touched.
     assert_eq!(count_answering(&owner).await, 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_once_its_certificate_is_no_longer_valid() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut config = mdm_server::Config::for_data_dir(temp.path().join("data"));
+    config.heartbeat_interval = Duration::from_millis(500);
+    let server = TestServer::start_with(config).await.unwrap();
+    let (_, passcode) = mdm_tests::site_with_passcode(&server, "kim@example.com", 0).await;
+    let agent = TestAgent::new();
+    assert!(
+        agent
+            .enroll(&server, "kim@example.com", &passcode)
+            .await
+            .status
+            .success()
+    );
+    let device_id = agent.device_id();
+    let channel = server.device_channel(&agent).await;
+    let (up, rx) = tokio::sync::mpsc::channel(8);
+    up.send(pb::ConnectRequest {
+        message: Some(Up::Hello(pb::AgentHello::default())),
+    })
+    .await
+    .unwrap();
+    let mut down = AgentServiceClient::new(channel.clone())
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    down.message().await.unwrap().unwrap();
+
+    // Two renewals rotate the stream's certificate out (a device keeps its
+    // newest two). The agent keeps sending heartbeats all along.
+    for _ in 0..2 {
+        let (_, csr) = mdm_agent::enroll::key_and_csr(&device_id).unwrap();
+        AgentServiceClient::new(channel.clone())
+            .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
+            .await
+            .unwrap();
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let _ = up
+                .send(pb::ConnectRequest {
+                    message: Some(Up::Heartbeat(pb::Heartbeat::default())),
+                })
+                .await;
+            match tokio::time::timeout(Duration::from_millis(200), down.message()).await {
+                Ok(Ok(Some(_))) | Err(_) => continue,
+                Ok(Ok(None)) | Ok(Err(_)) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a stream outlived its certificate");
+    eventually("the device is offline", || async {
+        (!device_online(&server, &device_id).await.0).then_some(())
+    })
+    .await;
+}

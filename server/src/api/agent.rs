@@ -132,6 +132,7 @@ impl AgentService for AgentApi {
         let session = Session {
             app: self.app.clone(),
             device_id: device.device_id,
+            certificate_serial: device.serial,
             interval,
             tx,
             shutdown: self.shutdown.clone(),
@@ -165,6 +166,9 @@ impl AgentService for AgentApi {
 struct Session {
     app: Arc<App>,
     device_id: String,
+    /// The certificate the stream was opened with, checked at every
+    /// heartbeat: it may expire or be rotated out while the stream is open.
+    certificate_serial: String,
     interval: Duration,
     tx: mpsc::Sender<Result<pb::ConnectResponse, Status>>,
     shutdown: watch::Receiver<bool>,
@@ -285,6 +289,9 @@ impl Session {
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > self.interval * 2 {
                         return "no heartbeat for two intervals".into();
+                    }
+                    if matches!(self.app.device_certificate_valid(&self.device_id, &self.certificate_serial), Ok(false)) {
+                        return "the stream's certificate expired or was replaced".into();
                     }
                     let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
                     if let Err(stop) = self.send(outbound(Outbound::Heartbeat(beat))).await {
