@@ -10,15 +10,12 @@ pub mod app;
 pub mod commands;
 pub mod company_passcode;
 pub mod config;
-pub mod crypto;
 pub mod datadir;
 pub mod destination;
 pub mod devices;
 pub mod error;
-pub mod fsutil;
 pub mod identity;
 pub mod live;
-pub mod model;
 pub mod notify;
 pub mod pki;
 pub mod reset;
@@ -29,6 +26,8 @@ pub mod throttle;
 pub mod tls;
 pub mod users;
 pub mod webhook;
+
+pub use mdm_core::{crypto, fsutil, model};
 
 pub use config::Config;
 pub use server::run;
