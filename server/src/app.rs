@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::live::LiveStreams;
 use crate::model::{Alert, Site};
 use crate::pki::CertificateAuthority;
-use crate::storage::Storage;
 use crate::throttle::Throttle;
+use mdm_core::store::Store;
 
 /// Alert subscribers that fall this far behind miss alerts (they can re-list).
 const ALERT_CHANNEL_CAPACITY: usize = 1024;
@@ -24,7 +24,7 @@ const ACTION_CHANNEL_CAPACITY: usize = 4096;
 
 #[derive(Debug)]
 pub struct App {
-    pub(crate) storage: Storage,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) registry: Arc<AdminRegistry>,
     pub(crate) passcode_key: Zeroizing<[u8; 32]>,
     pub(crate) throttle: Throttle,
@@ -49,7 +49,7 @@ pub struct App {
 
 impl App {
     pub fn new(
-        storage: Storage,
+        store: Arc<dyn Store>,
         registry: Arc<AdminRegistry>,
         keys: &ServerKeys,
         ca: Arc<CertificateAuthority>,
@@ -59,12 +59,12 @@ impl App {
         let outbox_wake = Arc::default();
         Self {
             failed_attempts: crate::company_passcode::FailedAttempts::new(
-                storage.clone(),
+                store.clone(),
                 registry.clone(),
                 alerts.clone(),
                 Arc::clone(&outbox_wake),
             ),
-            storage,
+            store,
             registry,
             passcode_key: keys.derive("company-passcode/v1"),
             throttle: Throttle::new(config.throttle),
@@ -88,8 +88,8 @@ impl App {
         self.heartbeat_interval
     }
 
-    pub fn storage(&self) -> &Storage {
-        &self.storage
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Every change of an action as it happens.
@@ -102,15 +102,10 @@ impl App {
         self.alerts.subscribe()
     }
 
-    pub(crate) fn site(&self, site_id: &str) -> Result<Site> {
-        self.storage
-            .get_site(site_id)?
+    pub(crate) async fn site(&self, site_id: &str) -> Result<Site> {
+        self.store
+            .get_site(site_id)
+            .await?
             .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))
-    }
-
-    /// Makes the writes of an admin call durable before it returns.
-    pub(crate) async fn commit(&self) -> Result<()> {
-        self.storage.flush_async().await?;
-        Ok(())
     }
 }

@@ -8,82 +8,16 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
-    Action, ActionEvent, ActionStatus, ActionType, CommandPayload, Device, DeviceStatus,
-    FailureCode, Millis, now_millis,
+    Action, ActionType, CommandPayload, Device, DeviceStatus, LatestReset, Millis, Notification,
+    now_millis,
 };
+use mdm_core::store::{Canceled, NewCommand, Queued, Reported};
 
 pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub use crate::model::MAX_COMMAND_TTL;
-/// Why an older lock or reset was canceled.
-pub const SUPERSEDED: &str = "SUPERSEDED";
-const SENT_DETAIL: &str = "sent to the device";
 
-/// What an agent reported about one of its commands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentReport {
-    Acknowledged,
-    Progress(String),
-    Succeeded(String),
-    Failed { code: FailureCode, message: String },
-}
-
-/// Whether a queued command goes out on a stream, decided under the actions lock.
-#[derive(Debug)]
-pub enum Delivery {
-    /// Sent for the first time: now SENT (publish it once committed).
-    First(Box<Action>),
-    /// Sent before, on an earlier stream, and not finished: send it again.
-    Again,
-    /// No longer to be delivered: canceled or superseded meanwhile.
-    Withdrawn,
-}
-
-/// Moves `action` along by one agent report; false when nothing changed.
-fn apply_report(action: &mut Action, report: &AgentReport, now: Millis) -> bool {
-    if action.status.is_terminal() {
-        if action.status == ActionStatus::Canceled
-            && matches!(
-                report,
-                AgentReport::Succeeded(_) | AgentReport::Failed { .. }
-            )
-        {
-            // Record what the device says happened after the cancel.
-            action.timeline.push(ActionEvent {
-                status: action.status,
-                at: now,
-                detail: format!("reported after cancel: {report:?}"),
-            });
-            return true;
-        }
-        return false;
-    }
-    match report {
-        AgentReport::Acknowledged => {
-            action.advance(ActionStatus::Acknowledged, "stored by the agent", now)
-        }
-        AgentReport::Progress(step) => action.advance(ActionStatus::InProgress, step.clone(), now),
-        AgentReport::Succeeded(message) => {
-            action.advance(ActionStatus::Succeeded, message.clone(), now)
-        }
-        AgentReport::Failed { code, message } => {
-            let status = if *code == FailureCode::Expired {
-                ActionStatus::Expired
-            } else {
-                ActionStatus::Failed
-            };
-            let changed = action.advance(status, message.clone(), now);
-            if changed {
-                action.failure_code = Some(*code);
-                action.failure_reason = message.clone();
-            }
-            changed
-        }
-    }
-}
-
-fn supersedes(kind: ActionType) -> bool {
-    matches!(kind, ActionType::Lock | ActionType::ResetPasscode)
-}
+pub use mdm_core::rules::{AgentReport, SUPERSEDED};
+pub use mdm_core::store::Delivery;
 
 /// The command's time to live: the default when none is given.
 pub fn validate_ttl(ttl: Option<Duration>) -> Result<Duration> {
@@ -97,14 +31,6 @@ pub fn validate_ttl(ttl: Option<Duration>) -> Result<Duration> {
     Ok(ttl)
 }
 
-/// A command stored but not yet committed, published or handed to its stream.
-#[derive(Debug)]
-pub(crate) struct StoredCommand {
-    action: Action,
-    superseded: Vec<Action>,
-    direct: bool,
-}
-
 impl App {
     /// Queues a command for a device, durably, and hands it to its stream.
     pub async fn queue_command(
@@ -116,7 +42,7 @@ impl App {
         ttl: Option<Duration>,
     ) -> Result<Action> {
         self.queue_command_as(
-            crate::storage::new_action_id(&device.site_id),
+            self.store.new_action_id(&device.site_id),
             device,
             admin_email,
             action_type,
@@ -159,14 +85,16 @@ impl App {
         Ok(())
     }
 
-    /// [`queue_command`](Self::queue_command) with a chosen action id.
+    /// [`queue_command`](Self::queue_command) with a chosen action id, and
+    /// what a reset stores with it (its emails, the device's latest reset).
     ///
     /// When the device's stream is live on this server and no older command
     /// still waits to go out, the command is stored as SENT in the same
-    /// write that queues it and handed to the stream once committed: one
-    /// commit instead of two, and the stream does not read it back. SENT
+    /// unit that queues it and handed to the stream once stored: one
+    /// write instead of two, and the stream does not read it back. SENT
     /// is durable before the command goes out either way; if the stream
     /// drops first, the command is still queued and goes out on the next one.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn queue_command_as(
         &self,
         action_id: String,
@@ -176,87 +104,62 @@ impl App {
         payload: CommandPayload,
         ttl: Option<Duration>,
     ) -> Result<Action> {
-        let ttl = validate_ttl(ttl)?;
-        self.check_command(device, action_type)?;
-        let stored =
-            self.store_command(action_id, device, admin_email, action_type, payload, ttl)?;
-        self.send_stored_command(stored).await
+        self.queue_command_with(
+            action_id,
+            device,
+            admin_email,
+            action_type,
+            payload,
+            ttl,
+            Vec::new(),
+            None,
+        )
+        .await
     }
 
-    /// Writes a command (already validated) and supersedes older ones, under
-    /// the device's actions lock. The new record goes in first: a crash in
-    /// between leaves an older command queued too, never a canceled one
-    /// without the command that replaced it.
-    pub(crate) fn store_command(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn queue_command_with(
         &self,
         action_id: String,
         device: &Device,
         admin_email: &str,
         action_type: ActionType,
         payload: CommandPayload,
-        ttl: Duration,
-    ) -> Result<StoredCommand> {
-        let device_id = device.device_id.as_str();
+        ttl: Option<Duration>,
+        notifications: Vec<Notification>,
+        latest_reset: Option<LatestReset>,
+    ) -> Result<Action> {
+        let ttl = validate_ttl(ttl)?;
+        self.check_command(device, action_type)?;
         let now = now_millis();
         let mut action =
             Action::pending(action_id, device, action_type, admin_email, "queued", now);
         action.expires_at =
             now.saturating_add(Millis::try_from(ttl.as_millis()).unwrap_or(Millis::MAX));
         action.payload = Some(payload);
-        let online = self.live.is_online(device_id);
-        let stored = self
-            .storage
-            .with_device_actions_locked(device_id, |storage| {
-                let mut superseded = Vec::new();
-                let mut older_waits = false;
-                for mut older in storage.queued_actions(device_id)? {
-                    if supersedes(action_type)
-                        && supersedes(older.action_type)
-                        && older.status == ActionStatus::Pending
-                        && older.advance(ActionStatus::Canceled, SUPERSEDED, now)
-                    {
-                        older.failure_reason = format!("{SUPERSEDED} by {}", action.action_id);
-                        superseded.push(older);
-                    } else if older.status == ActionStatus::Pending {
-                        older_waits = true;
-                    }
-                }
-                // Commands go out in queue order: one behind an unsent command waits its turn.
-                let direct = online && !older_waits;
-                if direct {
-                    action.advance(ActionStatus::Sent, SENT_DETAIL, now);
-                }
-                storage.put_action(&action)?;
-                // The command is stored from here on, so this call must not fail: an
-                // older one that cannot be marked superseded stays queued instead.
-                superseded.retain(|older| match storage.put_action(older) {
-                    Ok(()) => true,
-                    Err(error) => {
-                        tracing::error!(%error, action_id = %older.action_id, "cannot mark a superseded command");
-                        false
-                    }
-                });
-                Ok(StoredCommand {
-                    action,
-                    superseded,
-                    direct,
-                })
-            })?;
-        Ok(stored)
+        let queued = self
+            .store
+            .queue_command(NewCommand {
+                action,
+                online: self.live.is_online(&device.device_id),
+                notifications,
+                latest_reset,
+            })
+            .await?;
+        self.send_queued_command(queued).await
     }
 
-    /// Commits a stored command, tells watchers, and hands it to its stream.
-    pub(crate) async fn send_stored_command(&self, stored: StoredCommand) -> Result<Action> {
-        let StoredCommand {
+    /// Tells watchers about a stored command and hands it to its stream.
+    async fn send_queued_command(&self, queued: Queued) -> Result<Action> {
+        let Queued {
             action,
             superseded,
             direct,
-        } = stored;
-        self.commit().await?;
+        } = queued;
         for older in superseded {
-            self.publish(older);
+            self.publish(older).await;
         }
-        self.publish(action.clone());
+        self.publish(action.clone()).await;
         let device_id = action.device_id.as_str();
         let signal = if direct {
             StreamSignal::Command(Box::new(action.clone()))
@@ -271,41 +174,31 @@ impl App {
     }
 
     /// Tells watchers (and the site's webhook) about a changed action.
-    pub(crate) fn publish(&self, action: Action) {
-        self.queue_action_webhook(&action);
+    pub(crate) async fn publish(&self, action: Action) {
+        self.queue_action_webhook(&action).await;
         let _ = self.action_updates.send(action);
     }
 
     /// The device's commands still to deliver or finish, oldest first.
-    pub fn pending_commands(&self, device_id: &str) -> Result<Vec<Action>> {
-        Ok(self.storage.queued_actions(device_id)?)
+    pub async fn pending_commands(&self, device_id: &str) -> Result<Vec<Action>> {
+        Ok(self.store.queued_actions(device_id).await?)
     }
 
-    pub fn get_action(&self, action_id: &str) -> Result<Action> {
-        self.storage
-            .get_action(action_id)?
+    pub async fn get_action(&self, action_id: &str) -> Result<Action> {
+        self.store
+            .get_action(action_id)
+            .await?
             .ok_or_else(|| Error::no_such("action", action_id))
     }
 
-    /// Records that the command is about to go out on the device's stream.
-    /// The caller commits before sending, so that a command still PENDING
+    /// Records that these commands are about to go out on the device's
+    /// stream, durably before any is sent, so that a command still PENDING
     /// after a crash was never delivered (and may be superseded safely).
-    pub fn mark_sent(&self, device_id: &str, action_id: &str) -> Result<Delivery> {
-        let now = now_millis();
-        let updated = self
-            .storage
-            .update_device_action(device_id, action_id, |action| {
-                action.status == ActionStatus::Pending
-                    && action.advance(ActionStatus::Sent, SENT_DETAIL, now)
-            })?;
-        Ok(match updated {
-            Some((action, true)) => Delivery::First(Box::new(action)),
-            Some((action, false)) if action.is_queued() && action.device_id == device_id => {
-                Delivery::Again
-            }
-            // Canceled or superseded since the queue was read.
-            _ => Delivery::Withdrawn,
-        })
+    pub async fn mark_sent(&self, device_id: &str, action_ids: &[String]) -> Result<Vec<Delivery>> {
+        Ok(self
+            .store
+            .mark_sent(device_id, action_ids, now_millis())
+            .await?)
     }
 
     /// Applies what the agent of `device_id` reported about `action_id`, in
@@ -317,103 +210,58 @@ impl App {
         action_id: &str,
         reports: Vec<AgentReport>,
     ) -> Result<()> {
-        let now = now_millis();
-        let mut steps = Vec::new();
-        let updated = self
-            .storage
-            .update_device_action(device_id, action_id, |action| {
-                for report in &reports {
-                    if apply_report(action, report, now) {
-                        steps.push(action.clone());
-                    }
-                }
-                !steps.is_empty()
-            })?;
-        match updated {
-            None => tracing::warn!(
+        // Durable soon, not at once: if a crash loses a report, the command
+        // is still queued, is sent again on reconnect, and the agent's
+        // journal replays the same outcome without applying it twice.
+        match self
+            .store
+            .apply_reports(device_id, action_id, &reports, now_millis())
+            .await?
+        {
+            Reported::Unknown => tracing::warn!(
                 device_id,
                 action_id,
                 "report about an unknown command ignored"
             ),
-            Some((action, _)) if action.device_id != device_id => {
-                tracing::warn!(
-                    device_id,
-                    action_id,
-                    "report about another device's command ignored"
-                );
-            }
-            Some((_, true)) => {
-                // Not flushed per report (sled flushes within 500 ms): if a
-                // crash loses a report, the command is still queued, is sent
-                // again on reconnect, and the agent's journal replays the
-                // same outcome without applying it twice.
+            Reported::OtherDevice => tracing::warn!(
+                device_id,
+                action_id,
+                "report about another device's command ignored"
+            ),
+            Reported::Applied(steps) => {
                 for step in steps {
-                    self.publish(step);
+                    self.publish(step).await;
                 }
             }
-            Some((_, false)) => {}
         }
         Ok(())
     }
 
     /// Cancels a command the device has not acknowledged yet.
     pub async fn cancel_action(&self, action_id: &str, admin_email: &str) -> Result<Action> {
-        let now = now_millis();
-        let mut refused = None;
-        let updated = self.storage.update_action(action_id, |action| {
-            if !matches!(action.status, ActionStatus::Pending | ActionStatus::Sent)
-                || action.payload.is_none()
-            {
-                refused = Some(action.status);
-                return false;
-            }
-            action.failure_reason = format!("canceled by {admin_email}");
-            action.advance(
-                ActionStatus::Canceled,
-                format!("canceled by {admin_email}"),
-                now,
-            )
-        })?;
-        let (action, _) = updated.ok_or_else(|| Error::no_such("action", action_id))?;
-        if let Some(status) = refused {
-            return Err(Error::FailedPrecondition(format!(
+        match self
+            .store
+            .cancel_action(action_id, admin_email, now_millis())
+            .await?
+        {
+            Canceled::NotFound => Err(Error::no_such("action", action_id)),
+            Canceled::Refused(status) => Err(Error::FailedPrecondition(format!(
                 "action {action_id} is {status:?}; only an action the device has not acknowledged can be canceled"
-            )));
+            ))),
+            Canceled::Done(action) => {
+                self.publish((*action).clone()).await;
+                Ok(*action)
+            }
         }
-        self.commit().await?;
-        self.publish(action.clone());
-        Ok(action)
     }
 
     /// Expires every command whose time ran out before the device took it.
     pub async fn expire_due_commands(&self) -> Result<usize> {
-        let now = now_millis();
-        let mut expired = Vec::new();
-        for action_id in self.storage.expired_action_ids(now) {
-            let updated = self.storage.update_action(&action_id, |action| {
-                if action.expires_at > now {
-                    return false;
-                }
-                let changed =
-                    action.advance(ActionStatus::Expired, "not applied before its expiry", now);
-                if changed {
-                    action.failure_code = Some(FailureCode::Expired);
-                    action.failure_reason = "expired before the device applied it".into();
-                }
-                changed
-            })?;
-            if let Some((action, true)) = updated {
-                expired.push(action);
-            }
-        }
-        self.storage.record_open_commands_since()?;
-        if !expired.is_empty() {
-            self.commit().await?;
-        }
+        let expired = self.store.expire_due(now_millis()).await?;
         let count = expired.len();
         for action in expired {
             tracing::info!(action_id = %action.action_id, device_id = %action.device_id, "command expired");
-            self.publish(action);
+            self.publish(action).await;
         }
         Ok(count)
     }

@@ -26,7 +26,7 @@ use crate::model::{
     Alert, AlertKind, CompanyPasscodeInfo, CompanyPasscodeRecord, Millis, Notification,
     PasscodeState, Site, User, now_millis, time_ordered_id,
 };
-use crate::storage::{FailedAttempt, Storage};
+use mdm_core::store::{FailedAttempt, FailedAttemptEntry, Store};
 
 /// Failures waiting to be counted; a full queue makes refusals wait for room
 /// (every refusal alike), it never drops a failure.
@@ -118,11 +118,11 @@ impl App {
         site_id: &str,
         admin_email: &str,
     ) -> Result<(CompanyPasscode, CompanyPasscodeInfo)> {
-        let site = self.site(site_id)?;
+        let site = self.site(site_id).await?;
         // Failures of the old passcode must not be counted against the new one.
         self.failed_attempts.settled().await;
         let passcode = CompanyPasscode::generate();
-        let previous = self.storage.get_passcode(site_id)?;
+        let previous = self.store.get_passcode(site_id).await?;
         let record = CompanyPasscodeRecord {
             site_id: site.site_id.clone(),
             state: PasscodeState::Enabled,
@@ -136,8 +136,7 @@ impl App {
             failed_sources: Vec::new(),
             pending_lockout: None,
         };
-        self.storage.replace_passcode(&record)?;
-        self.commit().await?;
+        self.store.replace_passcode(&record).await?;
         tracing::info!(
             site_id,
             admin = admin_email,
@@ -150,8 +149,8 @@ impl App {
     /// The passcode's info, counting every failure refused before the call.
     pub async fn company_passcode_info(&self, site_id: &str) -> Result<CompanyPasscodeInfo> {
         self.failed_attempts.settled().await;
-        let site = self.site(site_id)?;
-        let record = self.storage.get_passcode(site_id)?;
+        let site = self.site(site_id).await?;
+        let record = self.store.get_passcode(site_id).await?;
         Ok(CompanyPasscodeInfo::of(&site, record.as_ref()))
     }
 
@@ -161,22 +160,25 @@ impl App {
         site_id: &str,
         admin_email: &str,
     ) -> Result<CompanyPasscodeInfo> {
-        let site = self.site(site_id)?;
+        let site = self.site(site_id).await?;
         let record = self
-            .storage
-            .update_passcode(site_id, |record| {
-                let change = record.state == PasscodeState::Enabled;
-                if change {
-                    record.state = PasscodeState::Disabled;
-                }
-                change
-            })?
+            .store
+            .update_passcode(
+                site_id,
+                Box::new(|record| {
+                    let change = record.state == PasscodeState::Enabled;
+                    if change {
+                        record.state = PasscodeState::Disabled;
+                    }
+                    change
+                }),
+            )
+            .await?
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "site {site_id:?} has no company passcode to disable; generate one first"
                 ))
             })?;
-        self.commit().await?;
         tracing::info!(site_id, admin = admin_email, "company passcode disabled");
         Ok(CompanyPasscodeInfo::of(&site, Some(&record)))
     }
@@ -199,21 +201,26 @@ impl App {
             return Ok(Err(Refusal::Throttled(source)));
         }
         let email = email.trim().to_ascii_lowercase();
-        let refusal = match self.check_passcode(&email, passcode)? {
+        let refusal = match self.check_passcode(&email, passcode).await? {
             Ok(_) => {
                 // One of the failures still being counted may lock this site out.
                 self.failed_attempts.settled().await;
-                self.check_passcode(&email, passcode)?
+                self.check_passcode(&email, passcode).await?
             }
             refusal => refusal,
         };
         let refusal = match refusal {
             Ok(verified) => {
-                self.storage
-                    .update_passcode(&verified.site.site_id, |record| {
-                        record.last_used_at = Some(now_millis());
-                        true
-                    })?;
+                let now = now_millis();
+                self.store
+                    .update_passcode(
+                        &verified.site.site_id,
+                        Box::new(move |record| {
+                            record.last_used_at = Some(now);
+                            true
+                        }),
+                    )
+                    .await?;
                 return Ok(Ok(verified));
             }
             Err(refusal) => refusal,
@@ -232,7 +239,7 @@ impl App {
         self.failed_attempts.settled().await;
     }
 
-    fn check_passcode(
+    async fn check_passcode(
         &self,
         email: &str,
         passcode: &str,
@@ -244,17 +251,18 @@ impl App {
         let hash = self.passcode_hash(passcode);
         // The same two look-ups whether the passcode names a site or not, so
         // a refusal takes as long for a right passcode as for a wrong one.
-        let site_id = self.storage.site_for_passcode_hash(&hash)?;
+        let site_id = self.store.site_for_passcode_hash(&hash).await?;
         let user = self
-            .storage
-            .get_user(site_id.as_deref().unwrap_or_default(), email)?;
+            .store
+            .get_user(site_id.as_deref().unwrap_or_default(), email)
+            .await?;
         let Some(site_id) = site_id else {
             return Ok(Err(Refusal::WrongPasscode));
         };
         let Some(user) = user else {
             return Ok(Err(Refusal::NotAUser(site_id)));
         };
-        let Some(record) = self.storage.get_passcode(&site_id)? else {
+        let Some(record) = self.store.get_passcode(&site_id).await? else {
             return Ok(Err(Refusal::WrongPasscode));
         };
         let stored = hex::decode(&record.hash).unwrap_or_default();
@@ -268,7 +276,7 @@ impl App {
             }
             PasscodeState::LockedOut => return Ok(Err(Refusal::LockedOut(site_id))),
         }
-        let site = self.site(&site_id)?;
+        let site = self.site(&site_id).await?;
         Ok(Ok(VerifiedPasscode { site, user }))
     }
 }
@@ -276,37 +284,45 @@ impl App {
 /// What counting failures needs, shared with the task that counts them.
 #[derive(Debug, Clone)]
 struct FailureCounter {
-    storage: Storage,
+    store: Arc<dyn Store>,
     registry: Arc<AdminRegistry>,
     alerts: broadcast::Sender<Alert>,
     outbox_wake: Arc<Notify>,
 }
 
 impl FailureCounter {
-    /// Counts a wrong passcode against every site `email` is a user of;
-    /// returns whether anything was written.
-    fn count(&self, email: &str, source: IpAddr) -> Result<bool> {
-        let sites = self.storage.sites_of_email(email)?;
-        let source = source.to_string();
-        let mut wrote = false;
-        for site_id in sites {
-            let Some(site) = self.storage.get_site(&site_id)? else {
+    /// The sites a wrong passcode given with `email` counts against.
+    async fn entries(&self, email: &str, source: IpAddr) -> Result<Vec<FailedAttemptEntry>> {
+        let mut entries = Vec::new();
+        for site_id in self.store.sites_of_email(email).await? {
+            let Some(site) = self.store.get_site(&site_id).await? else {
                 continue;
             };
-            if self.storage.get_user(&site_id, email)?.is_none() {
+            if self.store.get_user(&site_id, email).await?.is_none() {
                 continue; // a dangling index entry
             }
-            let now = now_millis();
-            let outcome = self.storage.record_failed_attempt(
-                &site_id,
-                site.failed_attempt_limit,
-                now,
-                &source,
-                |record| self.lockout_alert(&site, record, now),
-            )?;
+            entries.push(FailedAttemptEntry {
+                site,
+                source: source.to_string(),
+                at: now_millis(),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Counts the failures as one unit of the store, in order.
+    async fn count(&self, entries: &[FailedAttemptEntry]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let lockout = |site: &Site, record: &CompanyPasscodeRecord| {
+            self.lockout_alert(site, record, now_millis())
+        };
+        let outcomes = self.store.record_failed_attempts(entries, &lockout).await?;
+        for (entry, outcome) in entries.iter().zip(outcomes) {
+            let site_id = &entry.site.site_id;
             match outcome {
                 FailedAttempt::LockedOut(alert) => {
-                    wrote = true;
                     tracing::warn!(
                         site_id = %site_id,
                         failed_attempts = alert.failed_attempts,
@@ -317,13 +333,12 @@ impl FailureCounter {
                     self.outbox_wake.notify_one();
                 }
                 FailedAttempt::Counted { failed_attempts } => {
-                    wrote = true;
-                    tracing::info!(site_id = %site_id, failed_attempts, %source, "wrong company passcode");
+                    tracing::info!(site_id = %site_id, failed_attempts, source = %entry.source, "wrong company passcode");
                 }
                 FailedAttempt::NotEnabled => {}
             }
         }
-        Ok(wrote)
+        Ok(())
     }
 
     fn lockout_alert(
@@ -396,14 +411,14 @@ impl std::fmt::Debug for FailedAttempts {
 
 impl FailedAttempts {
     pub(crate) fn new(
-        storage: Storage,
+        store: Arc<dyn Store>,
         registry: Arc<AdminRegistry>,
         alerts: broadcast::Sender<Alert>,
         outbox_wake: Arc<Notify>,
     ) -> Self {
         Self {
             counter: FailureCounter {
-                storage,
+                store,
                 registry,
                 alerts,
                 outbox_wake,
@@ -418,7 +433,8 @@ impl FailedAttempts {
         if start && matches!(*queue, Queue::NotStarted) {
             let (tx, rx) = mpsc::channel(FAILURE_QUEUE_CAPACITY);
             let counter = self.counter.clone();
-            let task = tokio::task::spawn_blocking(move || Self::run(counter, rx));
+            let runtime = tokio::runtime::Handle::current();
+            let task = tokio::task::spawn_blocking(move || Self::run(&runtime, counter, rx));
             *queue = Queue::Running(tx, task);
         }
         match &*queue {
@@ -428,14 +444,19 @@ impl FailedAttempts {
     }
 
     /// The counting loop, on a thread of its own: its storage work never
-    /// holds up a runtime thread that is answering someone.
-    fn run(counter: FailureCounter, mut jobs: mpsc::Receiver<FailureJob>) {
+    /// holds up a runtime thread that is answering someone. A batch of
+    /// failures is one call to the store (one flush or transaction).
+    fn run(
+        runtime: &tokio::runtime::Handle,
+        counter: FailureCounter,
+        mut jobs: mpsc::Receiver<FailureJob>,
+    ) {
         while let Some(first) = jobs.blocking_recv() {
             if matches!(first, FailureJob::Refused { .. }) {
                 std::thread::sleep(COUNT_DELAY);
             }
             let mut waiting = Vec::new();
-            let mut wrote = false;
+            let mut entries = Vec::new();
             let mut next = Some(first);
             let mut counted = 0;
             while let Some(job) = next.take() {
@@ -443,8 +464,8 @@ impl FailedAttempts {
                     FailureJob::Refused {
                         email: Some(email),
                         source,
-                    } => match counter.count(&email, source) {
-                        Ok(w) => wrote |= w,
+                    } => match runtime.block_on(counter.entries(&email, source)) {
+                        Ok(found) => entries.extend(found),
                         Err(error) => tracing::error!(%error, "counting a failed attempt failed"),
                     },
                     FailureJob::Refused { email: None, .. } => {}
@@ -455,8 +476,8 @@ impl FailedAttempts {
                     next = jobs.try_recv().ok();
                 }
             }
-            if wrote && let Err(error) = counter.storage.flush() {
-                tracing::error!(%error, "flushing failed attempts failed");
+            if let Err(error) = runtime.block_on(counter.count(&entries)) {
+                tracing::error!(%error, "counting failed attempts failed");
             }
             for done in waiting {
                 let _ = done.send(());
@@ -483,14 +504,12 @@ impl FailedAttempts {
                 let Some(email) = email else {
                     return;
                 };
-                match self.counter.count(&email, source) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        if let Err(error) = self.counter.storage.flush_async().await {
-                            tracing::error!(%error, "flushing failed attempts failed");
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "counting a failed attempt failed"),
+                let counted = match self.counter.entries(&email, source).await {
+                    Ok(entries) => self.counter.count(&entries).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = counted {
+                    tracing::error!(%error, "counting a failed attempt failed");
                 }
             }
         }

@@ -15,7 +15,7 @@ use crate::model::{
     IssuedDeviceCert, Millis, now_millis, short_id,
 };
 use crate::pki::{CsrError, DeviceCsr, parse_device_csr};
-use crate::storage::{Enrolled, Page};
+use mdm_core::store::{DeviceFilter, Enrolled, Page, PageRequest};
 
 /// An enrollment as the edge hands it to the domain.
 pub struct EnrollRequest {
@@ -67,8 +67,8 @@ pub enum EnrollError {
     Internal(#[from] Error),
 }
 
-impl From<crate::storage::StorageError> for EnrollError {
-    fn from(error: crate::storage::StorageError) -> Self {
+impl From<mdm_core::store::StoreError> for EnrollError {
+    fn from(error: mdm_core::store::StoreError) -> Self {
         EnrollError::Internal(error.into())
     }
 }
@@ -146,22 +146,17 @@ impl App {
             security: Default::default(),
         };
         let enrolled = self
-            .storage
-            .enroll_device(&mut device, request.proven_device.as_deref())?;
+            .store
+            .enroll_device(&mut device, request.proven_device.as_deref())
+            .await?;
         if let Enrolled::AlongsideSameSerial(other) = &enrolled
-            && let Err(error) =
-                self.duplicate_serial_alert(&verified.site, &device, other, request.source)
+            && let Err(error) = self
+                .duplicate_serial_alert(&verified.site, &device, other, request.source)
+                .await
         {
             // The device is stored: refusing now would leave it without a certificate.
             tracing::error!(%error, "cannot record the duplicate-serial alert");
         }
-        let now = now_millis();
-        self.storage.update_passcode(&device.site_id, |record| {
-            record.enrollments += 1;
-            record.last_used_at = Some(now);
-            true
-        })?;
-        self.commit().await?;
         let replaced = match enrolled {
             Enrolled::Replacing(old) => {
                 // The old record's stream, if any, must not outlive it.
@@ -188,7 +183,7 @@ impl App {
     /// with the serial number of another active device without proving it
     /// is that device: a takeover attempt, or a reinstall that lost its
     /// identity. Both stay enrolled; an admin unenrolls the wrong one.
-    fn duplicate_serial_alert(
+    async fn duplicate_serial_alert(
         &self,
         site: &crate::model::Site,
         device: &Device,
@@ -217,7 +212,7 @@ impl App {
                 site.display_name
             ),
         );
-        self.storage.put_alert(&alert, &notifications)?;
+        self.store.put_alert(&alert, &notifications).await?;
         tracing::warn!(
             site_id = %site.site_id,
             device_id = %device.device_id,
@@ -240,36 +235,41 @@ impl App {
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let now = now_millis();
         let device = self
-            .storage
-            .update_device(device_id, |device| {
-                if device.status != DeviceStatus::Active {
-                    return false;
-                }
-                // Keep the newest and the one before it: the agent may still
-                // be using the old one until it reconnects.
-                device.certificates.retain(|c| c.expires_at > now);
-                device.certificates.insert(0, issued);
-                device.certificates.truncate(2);
-                true
-            })?
+            .store
+            .update_device(
+                device_id,
+                Box::new(move |device| {
+                    if device.status != DeviceStatus::Active {
+                        return false;
+                    }
+                    // Keep the newest and the one before it: the agent may still
+                    // be using the old one until it reconnects.
+                    device.certificates.retain(|c| c.expires_at > now);
+                    device.certificates.insert(0, issued);
+                    device.certificates.truncate(2);
+                    true
+                }),
+            )
+            .await?
             .filter(|d| d.status == DeviceStatus::Active)
             .ok_or_else(|| Error::Unauthenticated("the device is not enrolled".into()))?;
-        self.commit().await?;
         tracing::info!(device_id = %device.device_id, "device certificate renewed");
         Ok(certificate)
     }
 
     /// Whether `serial` is a current certificate of an active device.
-    pub fn device_certificate_valid(&self, device_id: &str, serial: &str) -> Result<bool> {
+    pub async fn device_certificate_valid(&self, device_id: &str, serial: &str) -> Result<bool> {
         Ok(self
-            .storage
-            .get_device(device_id)?
+            .store
+            .get_device(device_id)
+            .await?
             .is_some_and(|d| d.accepts_certificate(serial, now_millis())))
     }
 
-    pub fn get_device(&self, device_id: &str) -> Result<std::sync::Arc<Device>> {
-        self.storage
-            .get_device(device_id)?
+    pub async fn get_device(&self, device_id: &str) -> Result<std::sync::Arc<Device>> {
+        self.store
+            .get_device(device_id)
+            .await?
             .ok_or_else(|| Error::no_such("device", device_id))
     }
 
@@ -277,23 +277,22 @@ impl App {
         self.live.is_online(device_id)
     }
 
-    pub fn list_devices(
+    pub async fn list_devices(
         &self,
         site_id: &str,
-        page_token: &str,
-        page_size: usize,
-        keep: impl Fn(&Device) -> bool,
+        filter: &DeviceFilter,
+        page: PageRequest<'_>,
     ) -> Result<Page<Device>> {
-        self.site(site_id)?;
-        Ok(self
-            .storage
-            .list_devices(site_id, page_token, page_size, keep)?)
+        self.site(site_id).await?;
+        Ok(self.store.list_devices(site_id, filter, page).await?)
     }
 
     /// Records that the device's agent was heard from, with fresh facts.
-    pub fn device_seen(&self, device_id: &str, facts: Option<DeviceFacts>) -> Result<()> {
+    pub async fn device_seen(&self, device_id: &str, facts: Option<DeviceFacts>) -> Result<()> {
         let now = now_millis();
-        self.storage.update_device(device_id, |device| {
+        let id = device_id.to_owned();
+        self.store.update_device_soon(device_id, Box::new(move |device| {
+            let device_id = id.as_str();
             device.last_seen = Some(now);
             if let Some(mut facts) = facts {
                 // The serial number is what enrollment checked against the
@@ -308,7 +307,7 @@ impl App {
                 device.facts = facts;
             }
             true
-        })?;
+        })).await?;
         Ok(())
     }
 
@@ -316,7 +315,7 @@ impl App {
     /// stream is told to remove the agent's identity and is closed, and the
     /// action is recorded in the action log.
     pub async fn unenroll_device(&self, device_id: &str, admin_email: &str) -> Result<Action> {
-        let current = self.get_device(device_id)?;
+        let current = self.get_device(device_id).await?;
         if current.status != DeviceStatus::Active {
             return Err(Error::FailedPrecondition(format!(
                 "device {device_id} is not enrolled (status {:?})",
@@ -325,14 +324,18 @@ impl App {
         }
         let mut unenrolled = false;
         let device = self
-            .storage
-            .update_device(device_id, |device| {
-                unenrolled = device.status == DeviceStatus::Active;
-                if unenrolled {
-                    device.status = DeviceStatus::Unenrolled;
-                }
-                unenrolled
-            })?
+            .store
+            .update_device(
+                device_id,
+                Box::new(|device| {
+                    unenrolled = device.status == DeviceStatus::Active;
+                    if unenrolled {
+                        device.status = DeviceStatus::Unenrolled;
+                    }
+                    unenrolled
+                }),
+            )
+            .await?
             .ok_or_else(|| Error::no_such("device", device_id))?;
         if !unenrolled {
             // Another call unenrolled (or replaced) it since the check above.
@@ -343,7 +346,7 @@ impl App {
         }
         let now = now_millis();
         let mut action = Action::pending(
-            crate::storage::new_action_id(&device.site_id),
+            self.store.new_action_id(&device.site_id),
             &device,
             ActionType::Unenroll,
             admin_email,
@@ -374,8 +377,7 @@ impl App {
             detail: detail.into(),
         });
         action.status = ActionStatus::Succeeded;
-        self.storage.put_action(&action)?;
-        self.commit().await?;
+        self.store.record_action(&action).await?;
         tracing::info!(
             device_id,
             admin = admin_email,

@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::admins::RegistryError;
-use crate::storage::StorageError;
+use mdm_core::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,8 +21,10 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
-    Storage(StorageError),
+    Store(StoreError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -36,12 +38,18 @@ impl Error {
     }
 }
 
-impl From<StorageError> for Error {
-    fn from(error: StorageError) -> Self {
+impl From<StoreError> for Error {
+    fn from(error: StoreError) -> Self {
         match error {
-            StorageError::BadPageToken => Error::InvalidArgument(error.to_string()),
-            other => Error::Storage(other),
+            StoreError::BadPageToken => Error::InvalidArgument(error.to_string()),
+            other => Error::Store(other),
         }
+    }
+}
+
+impl From<crate::storage::StorageError> for Error {
+    fn from(error: crate::storage::StorageError) -> Self {
+        StoreError::from(error).into()
     }
 }
 
@@ -55,14 +63,21 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Storage(storage) if storage.is_disk_full() => {
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Store(StoreError::DiskFull) => {
                 tracing::error!(%error, "the data dir's disk is full");
                 return Status::unavailable(
                     "the server's disk is full, so it cannot write its database and this call did not complete; \
                      free space on the data dir's file system, then restart the server",
                 );
             }
-            Error::Storage(_) | Error::Registry(_) => {
+            Error::Store(StoreError::Unavailable(reason)) => {
+                tracing::error!(reason, "the database is unavailable");
+                return Status::unavailable(
+                    "the server cannot reach its database, so this call did not complete; retry shortly",
+                );
+            }
+            Error::Store(_) | Error::Registry(_) => {
                 // Internal details go to the log, not to the caller.
                 tracing::error!(%error, "internal error");
                 return Status::internal("internal error; see the server log");

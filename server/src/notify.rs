@@ -345,9 +345,9 @@ impl Outbox {
                 () = self.wake.notified(), if !woken => woken = true,
                 () = tokio::time::sleep_until(next_scan) => scan = true,
                 Some(done) = flight.tasks.join_next_with_id(), if !flight.tasks.is_empty() => {
-                    self.finished(&mut flight, done);
+                    self.finished(&mut flight, done).await;
                     while let Some(done) = flight.tasks.try_join_next_with_id() {
-                        self.finished(&mut flight, done);
+                        self.finished(&mut flight, done).await;
                     }
                 }
                 () = crate::tls::stopped(&mut stop) => break,
@@ -355,7 +355,7 @@ impl Outbox {
         }
         let _ = tokio::time::timeout(STOP_GRACE, async {
             while let Some(done) = flight.tasks.join_next_with_id().await {
-                self.finished(&mut flight, done);
+                self.finished(&mut flight, done).await;
             }
         })
         .await;
@@ -366,10 +366,7 @@ impl Outbox {
     /// loop changes a notification once queued, so the list stays true
     /// until its entries are started.
     async fn due(&self, flight: &InFlight) -> crate::error::Result<VecDeque<Notification>> {
-        let storage = self.deliverer.app.storage().clone();
-        let pending = tokio::task::spawn_blocking(move || storage.pending_notifications())
-            .await
-            .map_err(|error| crate::storage::StorageError::Stopped(error.to_string()))??;
+        let pending = self.deliverer.app.store().pending_notifications().await?;
         let now = now_millis();
         Ok(pending
             .into_iter()
@@ -399,7 +396,7 @@ impl Outbox {
         *backlog = waiting;
     }
 
-    fn finished(&self, flight: &mut InFlight, done: Finished) {
+    async fn finished(&self, flight: &mut InFlight, done: Finished) {
         let (id, outcome) = match done {
             Ok((id, outcome)) => (id, outcome),
             Err(error) => {
@@ -413,14 +410,14 @@ impl Outbox {
         let Some(notification) = flight.finish(id) else {
             return;
         };
-        if let Err(error) = self.record(notification, outcome) {
+        if let Err(error) = self.record(notification, outcome).await {
             tracing::error!(%error, "cannot record a notification's delivery");
         }
     }
 
     /// Records one attempt: delivered, or the error and the next attempt
     /// (doubling, capped) until the retry window closes.
-    fn record(
+    async fn record(
         &self,
         notification: Notification,
         outcome: Result<(), String>,
@@ -452,7 +449,11 @@ impl Outbox {
                 }
             }
         }
-        self.deliverer.app.storage().put_notification(&updated)?;
+        self.deliverer
+            .app
+            .store()
+            .put_notification(&updated)
+            .await?;
         Ok(())
     }
 }
@@ -482,7 +483,7 @@ impl Deliverer {
         if notification.channel == "webhook" {
             return self.app.post_webhook(notification).await;
         }
-        let body = self.render(notification)?;
+        let body = self.render(notification).await?;
         let from = match &self.sink {
             Sink::Smtp { from, .. } | Sink::Files { from, .. } => from.clone(),
         };
@@ -518,13 +519,14 @@ impl Deliverer {
     /// The body with the reset passcode in the one place the notification
     /// marks for it. Any other `{passcode}` in the text (a device's host
     /// name, a user's email) stays as it is.
-    fn render(&self, notification: &Notification) -> Result<Zeroizing<String>, String> {
+    async fn render(&self, notification: &Notification) -> Result<Zeroizing<String>, String> {
         let Some(action_id) = &notification.passcode_of_action else {
             return Ok(Zeroizing::new(notification.body_text.clone()));
         };
         let action = self
             .app
             .get_action(action_id)
+            .await
             .map_err(|e| format!("the reset action is gone: {e}"))?;
         let passcode = self
             .app

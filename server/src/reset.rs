@@ -17,6 +17,7 @@ use crate::model::{
     LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PASSCODE_PLACEHOLDER,
     PasscodeComplexity, PasscodePolicy, now_millis,
 };
+use mdm_core::store::{DeviceFilter, PageRequest};
 
 const DIGITS: &[u8] = b"0123456789";
 const LETTERS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
@@ -92,16 +93,35 @@ impl App {
         policy: PasscodePolicy,
     ) -> Result<PasscodePolicy> {
         validate_policy(&policy)?;
-        self.storage
-            .update_site(site_id, |site| site.passcode_policy = policy)?
+        let new_policy = policy;
+        self.store
+            .update_site(
+                site_id,
+                Box::new(move |site| {
+                    site.passcode_policy = new_policy;
+                    true
+                }),
+            )
+            .await?
             .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
-        self.commit().await?;
         // Devices online now learn it at once; the others on their next hello.
+        let active = DeviceFilter {
+            status: Some(DeviceStatus::Active),
+            ..DeviceFilter::default()
+        };
         let mut token = String::new();
         loop {
             let page = self
-                .storage
-                .list_devices(site_id, &token, 1000, |d| d.status == DeviceStatus::Active)?;
+                .store
+                .list_devices(
+                    site_id,
+                    &active,
+                    PageRequest {
+                        token: &token,
+                        limit: 1000,
+                    },
+                )
+                .await?;
             for device in &page.items {
                 self.live
                     .signal(&device.device_id, StreamSignal::PolicyChanged);
@@ -114,13 +134,14 @@ impl App {
         Ok(policy)
     }
 
-    pub fn passcode_policy(&self, site_id: &str) -> Result<PasscodePolicy> {
-        Ok(self.site(site_id)?.passcode_policy)
+    pub async fn passcode_policy(&self, site_id: &str) -> Result<PasscodePolicy> {
+        Ok(self.site(site_id).await?.passcode_policy)
     }
 
     /// The policy of the device's site.
-    pub fn device_policy(&self, device_id: &str) -> Result<PasscodePolicy> {
-        self.passcode_policy(&self.get_device(device_id)?.site_id)
+    pub async fn device_policy(&self, device_id: &str) -> Result<PasscodePolicy> {
+        let site_id = self.get_device(device_id).await?.site_id.clone();
+        self.passcode_policy(&site_id).await
     }
 
     /// Resets a device's passcode: a new passcode the site's policy accepts
@@ -149,9 +170,9 @@ impl App {
         // Everything that can refuse the reset is checked before the first write.
         let ttl = crate::commands::validate_ttl(ttl)?;
         self.check_command(device, ActionType::ResetPasscode)?;
-        let site = self.site(&device.site_id)?;
+        let site = self.site(&device.site_id).await?;
         let passcode = generate_device_passcode(&site.passcode_policy);
-        let action_id = crate::storage::new_action_id(&device.site_id);
+        let action_id = self.store.new_action_id(&device.site_id);
         let now = now_millis();
         let mut recipients = vec![admin_email.to_owned()];
         if notify_user && device.user_email != admin_email {
@@ -165,42 +186,26 @@ impl App {
             passcode_sealed: self.secrets.seal(&passcode, &command_context(&action_id)),
             message,
         };
-        let sealed_for_device = self.secrets.seal(&passcode, &device_context(device_id));
-        // The action record is the commit point: the device's latest reset
-        // and the emails are written before it, and readers of either skip
-        // one whose action does not exist (what a crash in between leaves).
-        let mut previous = None;
-        self.storage.update_device(device_id, |device| {
-            previous = device.security.latest_reset.replace(LatestReset {
-                passcode_sealed: sealed_for_device,
-                reset_at: now,
-                reset_by: admin_email.to_owned(),
-                action_id: action_id.clone(),
-            });
-            true
-        })?;
-        let stored = notifications
-            .iter()
-            .try_for_each(|notification| self.storage.put_notification(notification))
-            .map_err(Error::from)
-            .and_then(|()| {
-                self.store_command(
-                    action_id.clone(),
-                    device,
-                    admin_email,
-                    ActionType::ResetPasscode,
-                    payload,
-                    ttl,
-                )
-            });
-        let stored = match stored {
-            Ok(stored) => stored,
-            Err(error) => {
-                self.undo_reset(device_id, &action_id, previous, &notifications);
-                return Err(error);
-            }
+        let latest_reset = LatestReset {
+            passcode_sealed: self.secrets.seal(&passcode, &device_context(device_id)),
+            reset_at: now,
+            reset_by: admin_email.to_owned(),
+            action_id: action_id.clone(),
         };
-        let action = self.send_stored_command(stored).await?;
+        // One unit of the store: the command, its emails and the device's
+        // latest reset are stored together or not at all.
+        let action = self
+            .queue_command_with(
+                action_id,
+                device,
+                admin_email,
+                ActionType::ResetPasscode,
+                payload,
+                Some(ttl),
+                notifications,
+                Some(latest_reset),
+            )
+            .await?;
         self.wake_outbox();
         tracing::info!(
             action_id = %action.action_id,
@@ -210,38 +215,6 @@ impl App {
             "passcode reset queued"
         );
         Ok((action, passcode))
-    }
-
-    /// Takes back what a reset wrote before its action could not be stored.
-    fn undo_reset(
-        &self,
-        device_id: &str,
-        action_id: &str,
-        previous: Option<LatestReset>,
-        notifications: &[Notification],
-    ) {
-        for notification in notifications {
-            if let Err(error) = self
-                .storage
-                .remove_notification(&notification.notification_id)
-            {
-                tracing::error!(%error, "cannot remove the email of a reset that failed");
-            }
-        }
-        let restored = self.storage.update_device(device_id, |device| {
-            let ours = device
-                .security
-                .latest_reset
-                .as_ref()
-                .is_some_and(|r| r.action_id == action_id);
-            if ours {
-                device.security.latest_reset = previous;
-            }
-            ours
-        });
-        if let Err(error) = restored {
-            tracing::error!(%error, device_id, "cannot restore the latest reset of a reset that failed");
-        }
     }
 
     /// The passcode inside a reset command, for sending it to the device.
@@ -257,36 +230,42 @@ impl App {
     }
 
     /// Records what the agent says about the device's passcode.
-    pub fn record_compliance(&self, device_id: &str, compliance: Compliance) -> Result<()> {
-        self.storage.update_device(device_id, |device| {
-            let changed = device.security.compliance.as_ref() != Some(&compliance);
-            device.security.compliance = Some(compliance);
-            changed
-        })?;
+    pub async fn record_compliance(&self, device_id: &str, compliance: Compliance) -> Result<()> {
+        self.store
+            .update_device_soon(
+                device_id,
+                Box::new(move |device| {
+                    let changed = device.security.compliance.as_ref() != Some(&compliance);
+                    device.security.compliance = Some(compliance);
+                    changed
+                }),
+            )
+            .await?;
         Ok(())
     }
 
     /// Whether the device reported a lock (or a reset, which locks) done.
     /// Read from the action log, its one source: storing a flag on the device
     /// record cost every first lock a second write (BENCHMARKS.md).
-    fn device_was_locked(&self, device_id: &str) -> Result<bool> {
-        Ok(self.storage.device_has_action(device_id, |action| {
-            action.status == ActionStatus::Succeeded
-                && matches!(
-                    action.action_type,
-                    ActionType::Lock | ActionType::ResetPasscode
-                )
-        })?)
+    async fn device_was_locked(&self, device_id: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .device_has_action(
+                device_id,
+                &[ActionType::Lock, ActionType::ResetPasscode],
+                ActionStatus::Succeeded,
+            )
+            .await?)
     }
 
     /// The device's security section as `viewer` may see it. Revealing the
     /// latest reset passcode is recorded in the device's audit trail.
-    pub fn security_view(&self, device: &Device, viewer: &str) -> Result<SecurityView> {
+    pub async fn security_view(&self, device: &Device, viewer: &str) -> Result<SecurityView> {
         let security = &device.security;
         let mut view = SecurityView {
             compliant: security.compliance.as_ref().is_some_and(|c| c.meets_policy),
             compliance: security.compliance.clone(),
-            locked: security.locked || self.device_was_locked(&device.device_id)?,
+            locked: security.locked || self.device_was_locked(&device.device_id).await?,
             latest_reset_passcode: None,
             reset_at: None,
             reset_by: String::new(),
@@ -294,13 +273,15 @@ impl App {
         // A latest reset whose action was never stored (a crash right before
         // its commit point) did not happen.
         let latest_reset = match &security.latest_reset {
-            Some(latest) if self.storage.get_action(&latest.action_id)?.is_some() => Some(latest),
+            Some(latest) if self.store.get_action(&latest.action_id).await?.is_some() => {
+                Some(latest)
+            }
             _ => None,
         };
         view.reset_at = latest_reset.map(|r| r.reset_at);
         view.reset_by = latest_reset.map(|r| r.reset_by.clone()).unwrap_or_default();
         if let Some(latest) = latest_reset {
-            let site = self.site(&device.site_id)?;
+            let site = self.site(&device.site_id).await?;
             let days = i64::from(site.reset_passcode_visible_days);
             let hidden = days > 0 && now_millis() - latest.reset_at > days * 86_400_000;
             if !hidden {
@@ -308,17 +289,19 @@ impl App {
                     .secrets
                     .open(&latest.passcode_sealed, &device_context(&device.device_id));
                 if view.latest_reset_passcode.is_some() {
-                    self.storage.append_audit(
-                        &device.device_id,
-                        &AuditEntry {
-                            at: now_millis(),
-                            who: viewer.to_owned(),
-                            what: format!(
-                                "viewed the latest reset passcode (action {})",
-                                latest.action_id
-                            ),
-                        },
-                    )?;
+                    self.store
+                        .append_audit(
+                            &device.device_id,
+                            &AuditEntry {
+                                at: now_millis(),
+                                who: viewer.to_owned(),
+                                what: format!(
+                                    "viewed the latest reset passcode (action {})",
+                                    latest.action_id
+                                ),
+                            },
+                        )
+                        .await?;
                     tracing::info!(device_id = %device.device_id, viewer, "latest reset passcode viewed");
                 }
             }
@@ -326,8 +309,8 @@ impl App {
         Ok(view)
     }
 
-    pub fn audit_trail(&self, device_id: &str, limit: usize) -> Result<Vec<AuditEntry>> {
-        Ok(self.storage.list_audit(device_id, limit)?)
+    pub async fn audit_trail(&self, device_id: &str, limit: usize) -> Result<Vec<AuditEntry>> {
+        Ok(self.store.list_audit(device_id, limit).await?)
     }
 }
 

@@ -25,6 +25,7 @@ use crate::datadir::{self, DataDir, DataDirError, FirstStart};
 use crate::identity::{AdminAuthenticator, DeviceAuthenticator};
 use crate::storage::Storage;
 use crate::tls;
+use mdm_core::store::Store;
 
 /// Largest request message the server decodes; bigger ones are refused
 /// before they are buffered whole.
@@ -65,16 +66,24 @@ pub fn prepare_data_dir(config: &Config) -> Result<Option<FirstStart>, DataDirEr
 }
 
 /// The domain services over an opened data dir.
-pub fn open_app(dir: &DataDir, storage: Storage, config: &Config) -> Result<App, ServerError> {
+pub fn open_app(dir: &DataDir, store: Arc<dyn Store>, config: &Config) -> Result<App, ServerError> {
     let keys = ServerKeys::new(dir.load_secret()?);
     let ca = Arc::new(dir.load_ca()?);
-    Ok(App::new(
-        storage,
-        Arc::new(dir.registry()),
-        &keys,
-        ca,
-        config,
-    ))
+    Ok(App::new(store, Arc::new(dir.registry()), &keys, ca, config))
+}
+
+/// Runs a store lookup for a synchronous caller (an interceptor, the
+/// connection recheck on the blocking pool). On the server's multi-thread
+/// runtime the worker hands its other tasks away while it waits; elsewhere
+/// (a test's single-thread runtime) the lookup runs in place, which the
+/// embedded store answers without waiting.
+fn wait_for<F: Future>(lookup: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(lookup))
+        }
+        _ => futures::executor::block_on(lookup),
+    }
 }
 
 /// DNS names and addresses the server certificate covers.
@@ -119,12 +128,13 @@ pub async fn run(
     let acceptor = tls::acceptor(ca.cert_pem(), &server_chain, &server_key)?;
     drop(server_key);
 
-    let app = Arc::new(open_app(&dir, storage.clone(), &config)?);
+    let store: Arc<dyn Store> = Arc::new(storage.clone());
+    let app = Arc::new(open_app(&dir, store, &config)?);
     let admin_auth = AdminAuthenticator::new(app.registry.clone());
     let device_auth = {
         let app = app.clone();
         DeviceAuthenticator::new(move |device_id, serial| {
-            app.device_certificate_valid(device_id, serial)
+            wait_for(app.device_certificate_valid(device_id, serial))
                 .map(|valid| !valid)
                 .map_err(Status::from)
         })

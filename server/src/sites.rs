@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::model::{
     DEFAULT_FAILED_ATTEMPT_LIMIT, FAILED_ATTEMPT_LIMIT_RANGE, Site, now_millis, short_id,
 };
-use crate::storage::Page;
+use mdm_core::store::{Page, PageRequest, SiteFilter};
 
 /// Changes to a site's settings; `None` leaves a setting as it is.
 #[derive(Debug, Default, Clone)]
@@ -64,29 +64,27 @@ impl App {
                 passcode_policy: Default::default(),
                 webhook: None,
             };
-            if self.storage.insert_site(&site)? {
-                self.commit().await?;
+            if self.store.insert_site(&site).await? {
                 tracing::info!(site_id = %site.site_id, "site created");
                 return Ok(site);
             }
         }
     }
 
-    pub fn get_site(&self, site_id: &str) -> Result<Site> {
-        self.site(site_id)
+    pub async fn get_site(&self, site_id: &str) -> Result<Site> {
+        self.site(site_id).await
     }
 
-    pub fn list_sites(
+    pub async fn list_sites(
         &self,
-        page_token: &str,
-        page_size: usize,
-        visible: impl Fn(&Site) -> bool,
+        filter: &SiteFilter,
+        page: PageRequest<'_>,
     ) -> Result<Page<Site>> {
-        Ok(self.storage.list_sites(page_token, page_size, visible)?)
+        Ok(self.store.list_sites(filter, page).await?)
     }
 
     pub async fn update_site(&self, site_id: &str, changes: SiteChanges) -> Result<Site> {
-        self.site(site_id)?;
+        self.site(site_id).await?;
         // Every change is checked before the site is written.
         let display_name = changes
             .display_name
@@ -105,20 +103,24 @@ impl App {
             ));
         }
         let site = self
-            .storage
-            .update_site(site_id, |site| {
-                if let Some(name) = display_name {
-                    site.display_name = name;
-                }
-                if let Some(limit) = limit {
-                    site.failed_attempt_limit = limit;
-                }
-                if let Some(days) = changes.reset_passcode_visible_days {
-                    site.reset_passcode_visible_days = days;
-                }
-            })?
+            .store
+            .update_site(
+                site_id,
+                Box::new(move |site| {
+                    if let Some(name) = display_name {
+                        site.display_name = name;
+                    }
+                    if let Some(limit) = limit {
+                        site.failed_attempt_limit = limit;
+                    }
+                    if let Some(days) = changes.reset_passcode_visible_days {
+                        site.reset_passcode_visible_days = days;
+                    }
+                    true
+                }),
+            )
+            .await?
             .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
-        self.commit().await?;
         Ok(site)
     }
 }

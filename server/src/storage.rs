@@ -22,9 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::model::AuditEntry;
 use crate::model::{
-    Action, Alert, CompanyPasscodeRecord, Device, DeviceStatus, MAX_REMEMBERED_SOURCES, Millis,
-    Notification, NotificationState, PasscodeState, PendingLockout, Site, User, now_millis,
+    Action, Alert, CompanyPasscodeRecord, Device, DeviceStatus, Millis, Notification,
+    NotificationState, PendingLockout, Site, User, now_millis,
 };
+use mdm_core::store::{Enrolled, FailedAttempt, NewCommand, Page, Queued, UsersInserted};
 
 /// Bumped whenever the layout of keys or values changes incompatibly.
 /// 2: commands not final yet are found from the action records; the
@@ -186,16 +187,6 @@ fn with_site_tag(id: uuid::Uuid, site_id: &str) -> String {
     uuid::Uuid::from_bytes(bytes).to_string()
 }
 
-/// What storing an enrolled device did to the devices before it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Enrolled {
-    New,
-    /// The client proved it is this device, now `REPLACED`.
-    Replacing(String),
-    /// This active device of the site has the same serial number and stays.
-    AlongsideSameSerial(String),
-}
-
 /// A new action id for a record of `site_id`: a UUID v7 (time-ordered,
 /// unique within the process by uuid's counter) that ends with the site's
 /// tag, so the id alone locates the record.
@@ -249,35 +240,6 @@ fn key2(a: &str, b: &str) -> Vec<u8> {
 
 fn prefix(a: &str) -> Vec<u8> {
     key2(a, "")
-}
-
-/// One page of a listing, and the token for the next one.
-#[derive(Debug)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_page_token: String,
-}
-
-/// What inserting users did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum UsersInserted {
-    /// Stored, but for the users at these indexes: the site had their email.
-    Inserted { existing: Vec<usize> },
-    /// Nothing stored: the site has `users` users and the new ones would
-    /// pass its limit.
-    OverQuota { users: usize },
-}
-
-/// What counting a wrong company passcode did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FailedAttempt {
-    /// Counted; the passcode is still enabled.
-    Counted { failed_attempts: u32 },
-    /// This attempt reached the limit: the passcode is now locked out and
-    /// the alert (with its notifications) was stored.
-    LockedOut(Box<Alert>),
-    /// The passcode was not enabled, so nothing was counted.
-    NotEnabled,
 }
 
 /// The sled database and its trees.
@@ -762,14 +724,15 @@ impl Storage {
     pub fn update_site(
         &self,
         site_id: &str,
-        change: impl FnOnce(&mut Site),
+        change: impl FnOnce(&mut Site) -> bool,
     ) -> Result<Option<Site>, StorageError> {
         let _guard = hold(&self.sites_lock);
         let Some(mut site) = self.get_site(site_id)? else {
             return Ok(None);
         };
-        change(&mut site);
-        self.put_site(&site)?;
+        if change(&mut site) {
+            self.put_site(&site)?;
+        }
         Ok(Some(site))
     }
 
@@ -1090,24 +1053,17 @@ impl Storage {
         let Some(mut record) = self.get_passcode(site_id)? else {
             return Ok(FailedAttempt::NotEnabled);
         };
-        if record.state != PasscodeState::Enabled {
+        let Some(locks_out) =
+            mdm_core::rules::count_failed_attempt(&mut record, limit, now, source)
+        else {
             return Ok(FailedAttempt::NotEnabled);
-        }
-        record.failed_attempts += 1;
-        record.last_failed_at = Some(now);
-        if !record.failed_sources.iter().any(|s| s == source) {
-            if record.failed_sources.len() >= MAX_REMEMBERED_SOURCES {
-                record.failed_sources.remove(0);
-            }
-            record.failed_sources.push(source.to_owned());
-        }
-        if record.failed_attempts < limit {
+        };
+        if !locks_out {
             self.passcodes.insert(site_id.as_bytes(), encode(&record))?;
             return Ok(FailedAttempt::Counted {
                 failed_attempts: record.failed_attempts,
             });
         }
-        record.state = PasscodeState::LockedOut;
         let (alert, notifications) = lockout(&record);
         record.pending_lockout = Some(PendingLockout {
             alert: alert.clone(),
@@ -1374,15 +1330,99 @@ impl Storage {
         Ok(Some((action, changed)))
     }
 
-    /// Runs `body` holding the device's actions lock, for changes that span
-    /// several of its actions (queueing a command and superseding older ones).
-    pub fn with_device_actions_locked<T>(
+    /// Queues a command under its device's actions lock. The action record
+    /// is the commit point: the device's latest reset and the notifications
+    /// are written before it (readers skip either when its action does not
+    /// exist) and taken back when it cannot be written; superseded commands
+    /// are marked after it, so a crash in between leaves an older command
+    /// queued too, never a canceled one without the command that replaced it.
+    pub fn store_command(&self, command: NewCommand) -> Result<Queued, StorageError> {
+        let NewCommand {
+            mut action,
+            online,
+            notifications,
+            latest_reset,
+        } = command;
+        let device_id = action.device_id.clone();
+        let action_id = action.action_id.clone();
+        let _guard = self.lock_device_actions(&device_id);
+        let mut previous = None;
+        let mut reset_written = false;
+        let written = (|| {
+            if let Some(latest) = latest_reset {
+                self.update_device(&device_id, |device| {
+                    previous = device.security.latest_reset.replace(latest);
+                    true
+                })?;
+                reset_written = true;
+            }
+            for notification in &notifications {
+                self.put_notification(notification)?;
+            }
+            let queued = self.queued_actions(&device_id)?;
+            let (superseded, direct) =
+                mdm_core::rules::plan_queue(&mut action, queued, online, now_millis());
+            self.put_action(&action)?;
+            Ok((superseded, direct))
+        })();
+        let (mut superseded, direct) = match written {
+            Ok(written) => written,
+            Err(error) => {
+                self.undo_command(
+                    &device_id,
+                    &action_id,
+                    reset_written.then_some(previous),
+                    &notifications,
+                );
+                return Err(error);
+            }
+        };
+        // The command is stored from here on, so this call must not fail: an
+        // older one that cannot be marked superseded stays queued instead.
+        superseded.retain(|older| match self.put_action(older) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, action_id = %older.action_id, "cannot mark a superseded command");
+                false
+            }
+        });
+        Ok(Queued {
+            action,
+            superseded,
+            direct,
+        })
+    }
+
+    /// Takes back what a command wrote before its action could not be stored.
+    fn undo_command(
         &self,
         device_id: &str,
-        body: impl FnOnce(&Self) -> Result<T, StorageError>,
-    ) -> Result<T, StorageError> {
-        let _guard = self.lock_device_actions(device_id);
-        body(self)
+        action_id: &str,
+        previous_reset: Option<Option<crate::model::LatestReset>>,
+        notifications: &[Notification],
+    ) {
+        for notification in notifications {
+            if let Err(error) = self.remove_notification(&notification.notification_id) {
+                tracing::error!(%error, "cannot remove the email of a command that failed");
+            }
+        }
+        let Some(previous) = previous_reset else {
+            return;
+        };
+        let restored = self.update_device(device_id, |device| {
+            let ours = device
+                .security
+                .latest_reset
+                .as_ref()
+                .is_some_and(|r| r.action_id == action_id);
+            if ours {
+                device.security.latest_reset = previous;
+            }
+            ours
+        });
+        if let Err(error) = restored {
+            tracing::error!(%error, device_id, "cannot restore the latest reset of a command that failed");
+        }
     }
 
     /// The device's commands that are not final yet, oldest first.
@@ -1700,6 +1740,7 @@ fn page<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PasscodeState;
 
     #[test]
     fn a_database_of_another_schema_version_is_refused() {

@@ -7,7 +7,7 @@ use crate::app::App;
 use crate::config::validate_email;
 use crate::error::{Error, Result};
 use crate::model::{User, now_millis, short_id};
-use crate::storage::{Page, StorageError, UsersInserted};
+use mdm_core::store::{Page, PageRequest, UsersInserted};
 
 /// Largest CSV import, in rows.
 pub const MAX_IMPORT_ROWS: usize = 50_000;
@@ -44,18 +44,6 @@ fn normalize_display_name(name: &str) -> Result<String> {
     Ok(name.to_owned())
 }
 
-/// Runs storage work that may wait on the users lock (held by an import)
-/// on the blocking pool, so the runtime's workers keep serving other calls.
-async fn off_the_runtime<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        Err(error) => Err(StorageError::Stopped(error.to_string()).into()),
-    }
-}
-
 impl App {
     pub async fn create_user(
         &self,
@@ -63,7 +51,7 @@ impl App {
         email: &str,
         display_name: &str,
     ) -> Result<User> {
-        self.site(site_id)?;
+        self.site(site_id).await?;
         let user = User {
             user_id: short_id("us"),
             site_id: site_id.to_owned(),
@@ -71,17 +59,14 @@ impl App {
             display_name: normalize_display_name(display_name)?,
             created_at: now_millis(),
         };
-        // Waits for the users lock, which an import holds for a while.
-        let (storage, site, row, max_users) = (
-            self.storage.clone(),
-            site_id.to_owned(),
-            user.clone(),
-            self.max_users_per_site,
-        );
-        let inserted = off_the_runtime(move || {
-            Ok(storage.insert_users(&site, std::slice::from_ref(&row), max_users)?)
-        })
-        .await?;
+        let inserted = self
+            .store
+            .insert_users(
+                site_id,
+                std::slice::from_ref(&user),
+                self.max_users_per_site,
+            )
+            .await?;
         match inserted {
             UsersInserted::Inserted { existing } if existing.is_empty() => {}
             UsersInserted::Inserted { .. } => {
@@ -94,41 +79,35 @@ impl App {
                 return Err(over_quota(site_id, users, 1, self.max_users_per_site));
             }
         }
-        self.commit().await?;
         Ok(user)
     }
 
-    pub fn get_user_by_id(&self, user_id: &str) -> Result<User> {
-        self.storage
-            .get_user_by_id(user_id)?
+    pub async fn get_user_by_id(&self, user_id: &str) -> Result<User> {
+        self.store
+            .get_user_by_id(user_id)
+            .await?
             .ok_or_else(|| Error::no_such("user", user_id))
     }
 
-    pub fn get_user(&self, site_id: &str, email: &str) -> Result<User> {
-        self.site(site_id)?;
+    pub async fn get_user(&self, site_id: &str, email: &str) -> Result<User> {
+        self.site(site_id).await?;
         let email = normalize_email(email)?;
-        self.storage
-            .get_user(site_id, &email)?
+        self.store
+            .get_user(site_id, &email)
+            .await?
             .ok_or_else(|| Error::NotFound(format!("site {site_id} has no user {email}")))
     }
 
-    pub fn list_users(
-        &self,
-        site_id: &str,
-        page_token: &str,
-        page_size: usize,
-    ) -> Result<Page<User>> {
-        self.site(site_id)?;
-        Ok(self.storage.list_users(site_id, page_token, page_size)?)
+    pub async fn list_users(&self, site_id: &str, page: PageRequest<'_>) -> Result<Page<User>> {
+        self.site(site_id).await?;
+        Ok(self.store.list_users(site_id, page).await?)
     }
 
     pub async fn delete_user(&self, user_id: &str) -> Result<User> {
-        let (storage, id) = (self.storage.clone(), user_id.to_owned());
-        let user = off_the_runtime(move || Ok(storage.delete_user(&id)?))
+        self.store
+            .delete_user(user_id)
             .await?
-            .ok_or_else(|| Error::no_such("user", user_id))?;
-        self.commit().await?;
-        Ok(user)
+            .ok_or_else(|| Error::no_such("user", user_id))
     }
 
     /// Imports CSV text with the header `email,display_name`. Valid rows go
@@ -137,17 +116,19 @@ impl App {
     /// 50,000 rows takes a while: it runs on the blocking pool, so the
     /// runtime's workers keep serving other calls.
     pub async fn import_users(&self, site_id: &str, csv_text: &str) -> Result<ImportReport> {
-        self.site(site_id)?;
-        let storage = self.storage.clone();
+        self.site(site_id).await?;
         let max_users = self.max_users_per_site;
         let (site, csv) = (site_id.to_owned(), csv_text.to_owned());
-        let (users, mut errors, inserted) = off_the_runtime(move || {
-            let (users, errors) = parse_users_csv(&site, &csv)?;
-            let rows: Vec<User> = users.iter().map(|(_, u)| u.clone()).collect();
-            let inserted = storage.insert_users(&site, &rows, max_users)?;
-            Ok((users, errors, inserted))
-        })
-        .await?;
+        let (users, mut errors) =
+            match tokio::task::spawn_blocking(move || parse_users_csv(&site, &csv)).await {
+                Ok(parsed) => parsed?,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Err(error) => {
+                    return Err(Error::Unavailable(format!("the import stopped: {error}")));
+                }
+            };
+        let rows: Vec<User> = users.iter().map(|(_, u)| u.clone()).collect();
+        let inserted = self.store.insert_users(site_id, &rows, max_users).await?;
         let existing = match inserted {
             UsersInserted::Inserted { existing } => existing,
             UsersInserted::OverQuota { users: current } => {
@@ -164,7 +145,6 @@ impl App {
             });
         }
         errors.sort_by_key(|e| e.line);
-        self.commit().await?;
         let imported = u32::try_from(users.len() - existing.len()).unwrap_or(u32::MAX);
         tracing::info!(site_id, imported, refused = errors.len(), "users imported");
         Ok(ImportReport { imported, errors })

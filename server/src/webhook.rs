@@ -130,7 +130,7 @@ impl App {
     /// Sets (or with an empty url removes) the site's webhook; returns the
     /// new signing secret.
     pub async fn set_webhook(&self, site_id: &str, url: &str) -> Result<Option<Zeroizing<String>>> {
-        self.site(site_id)?;
+        self.site(site_id).await?;
         let (webhook, secret) = if url.trim().is_empty() {
             (None, None)
         } else {
@@ -142,21 +142,27 @@ impl App {
             };
             (Some(webhook), Some(secret))
         };
-        self.storage
-            .update_site(site_id, |site| site.webhook = webhook)?
+        self.store
+            .update_site(
+                site_id,
+                Box::new(move |site| {
+                    site.webhook = webhook;
+                    true
+                }),
+            )
+            .await?
             .ok_or_else(|| {
                 crate::error::Error::NotFound(format!("site {site_id:?} does not exist"))
             })?;
-        self.commit().await?;
         Ok(secret)
     }
 
     /// Queues an action's change for the site's webhook, if it has one.
-    pub(crate) fn queue_action_webhook(&self, action: &Action) {
-        if !self.storage.site_has_webhook(&action.site_id) {
+    pub(crate) async fn queue_action_webhook(&self, action: &Action) {
+        if !matches!(self.store.site_has_webhook(&action.site_id).await, Ok(true)) {
             return;
         }
-        let Ok(Some(site)) = self.storage.get_site(&action.site_id) else {
+        let Ok(Some(site)) = self.store.get_site(&action.site_id).await else {
             return;
         };
         let Some(webhook) = &site.webhook else {
@@ -168,7 +174,7 @@ impl App {
             action_event(action),
             &format!("action {:?}", action.status),
         );
-        if let Err(error) = self.storage.put_notification(&n) {
+        if let Err(error) = self.store.put_notification(&n).await {
             tracing::error!(%error, "cannot queue a webhook event");
         }
         self.wake_outbox();
@@ -178,7 +184,7 @@ impl App {
     /// is reported with one generic reason (details go to the log), so the
     /// error an admin sees cannot tell open ports from closed ones.
     pub(crate) async fn post_webhook(&self, n: &Notification) -> std::result::Result<(), String> {
-        let site = self.site(&n.site_id).map_err(|e| e.to_string())?;
+        let site = self.site(&n.site_id).await.map_err(|e| e.to_string())?;
         let webhook = site.webhook.ok_or("the site no longer has a webhook")?;
         let secret = self
             .secrets

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mdm_core::store::PageRequest;
 use mdm_server::Config;
 use mdm_server::app::App;
 use mdm_server::company_passcode::Refusal;
@@ -22,7 +23,7 @@ fn open(dir: &Path, throttle: ThrottleConfig) -> App {
     prepare_data_dir(&config).unwrap();
     let data = DataDir::new(dir);
     let storage = Storage::open(&data.db()).unwrap();
-    open_app(&data, storage, &config).unwrap()
+    open_app(&data, Arc::new(storage), &config).unwrap()
 }
 
 fn lenient() -> ThrottleConfig {
@@ -156,7 +157,17 @@ async fn concurrent_wrong_attempts_lock_out_at_exactly_the_limit_with_one_alert(
     let info = app.company_passcode_info(&site.site_id).await.unwrap();
     assert_eq!(info.state, PasscodeState::LockedOut);
     assert_eq!(info.failed_attempts, 5, "counting stops at the limit");
-    let page = app.storage().list_alerts(&site.site_id, "", 100).unwrap();
+    let page = app
+        .store()
+        .list_alerts(
+            &site.site_id,
+            PageRequest {
+                token: "",
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(page.items.len(), 1, "exactly one alert");
     assert_eq!(page.items[0].failed_attempts, 5);
     assert_eq!(page.items[0].source_addresses.len(), 5);
@@ -165,8 +176,16 @@ async fn concurrent_wrong_attempts_lock_out_at_exactly_the_limit_with_one_alert(
     assert!(alerts.try_recv().is_err(), "one alert on the stream too");
 
     let outbox = app
-        .storage()
-        .list_notifications(Some(&site.site_id), None, "", 100)
+        .store()
+        .list_notifications(
+            Some(&site.site_id),
+            None,
+            PageRequest {
+                token: "",
+                limit: 100,
+            },
+        )
+        .await
         .unwrap();
     assert_eq!(
         outbox.items.len(),

@@ -14,10 +14,11 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, required_id};
 use crate::app::App;
 use crate::identity;
 use crate::model::NotificationState;
+use mdm_core::store::ActionFilter;
 
 #[derive(Debug, Clone)]
 pub struct ActionLogApi {
@@ -120,35 +121,33 @@ impl ActionLogService for ActionLogApi {
             .transpose()?;
         let site_id = match device_id {
             Some(device_id) => {
-                let site_id = self.app.get_device(device_id)?.site_id.clone();
+                let site_id = self.app.get_device(device_id).await?.site_id.clone();
                 authorize_object(&admin, &site_id, "device", device_id)?;
                 site_id
             }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id)?;
+        self.app.get_site(&site_id).await?;
         let action_type = convert::action_type_from_proto(request.r#type());
         let status = convert::action_status_from_proto(request.status());
-        let created_by = request.created_by.trim().to_ascii_lowercase();
-        let after = request.created_after.as_ref().map(convert::millis_of);
-        let before = request.created_before.as_ref().map(convert::millis_of);
+        let filter = ActionFilter {
+            site_id: site_id.clone(),
+            device_id: device_id.map(str::to_owned),
+            action_type,
+            status,
+            created_by: request.created_by.trim().to_ascii_lowercase(),
+            created_at_or_after: request.created_after.as_ref().map(convert::millis_of),
+            created_before: request.created_before.as_ref().map(convert::millis_of),
+        };
         let page = self
             .app
-            .storage()
+            .store()
             .list_actions(
-                &site_id,
-                device_id,
-                &request.page_token,
-                page_size(request.page_size)?,
-                |action| {
-                    action_type.is_none_or(|t| action.action_type == t)
-                        && status.is_none_or(|s| action.status == s)
-                        && (created_by.is_empty() || action.created_by == created_by)
-                        && after.is_none_or(|t| action.created_at >= t)
-                        && before.is_none_or(|t| action.created_at < t)
-                },
+                &filter,
+                convert::page_request(&request.page_token, request.page_size)?,
             )
+            .await
             .map_err(crate::error::Error::from)?;
         Ok(Response::new(pb::ListActionsResponse {
             actions: page.items.into_iter().map(convert::action).collect(),
@@ -162,7 +161,7 @@ impl ActionLogService for ActionLogApi {
     ) -> Rpc<pb::GetActionResponse> {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
-        let action = self.app.get_action(action_id)?;
+        let action = self.app.get_action(action_id).await?;
         authorize_object(&admin, &action.site_id, "action", action_id)?;
         Ok(Response::new(pb::GetActionResponse {
             action: Some(convert::action(action)),
@@ -175,7 +174,7 @@ impl ActionLogService for ActionLogApi {
     ) -> Rpc<pb::CancelActionResponse> {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
-        let action = self.app.get_action(action_id)?;
+        let action = self.app.get_action(action_id).await?;
         authorize_object(&admin, &action.site_id, "action", action_id)?;
         let action = self.app.cancel_action(action_id, &admin.email).await?;
         Ok(Response::new(pb::CancelActionResponse {
@@ -195,14 +194,14 @@ impl ActionLogService for ActionLogApi {
             .transpose()?;
         let site_id = match &device_id {
             Some(device_id) => {
-                let site_id = self.app.get_device(device_id)?.site_id.clone();
+                let site_id = self.app.get_device(device_id).await?.site_id.clone();
                 authorize_object(&admin, &site_id, "device", device_id)?;
                 site_id
             }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id)?;
+        self.app.get_site(&site_id).await?;
         let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_actions())
             .filter_map(move |item| {
@@ -236,13 +235,17 @@ impl ActionLogService for ActionLogApi {
         let request = request.into_inner();
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
-        self.app.get_site(site_id)?;
+        self.app.get_site(site_id).await?;
         // Lockouts are raised while counting failures, off the response path.
         self.app.settle_failed_attempts().await;
         let page = self
             .app
-            .storage()
-            .list_alerts(site_id, &request.page_token, page_size(request.page_size)?)
+            .store()
+            .list_alerts(
+                site_id,
+                convert::page_request(&request.page_token, request.page_size)?,
+            )
+            .await
             .map_err(crate::error::Error::from)?;
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: page.items.into_iter().map(convert::alert).collect(),
@@ -258,7 +261,7 @@ impl ActionLogService for ActionLogApi {
         let certificate = identity::leaf_certificate(&request).unwrap_or_default();
         let site_id = required_id("site_id", &request.get_ref().site_id)?.to_owned();
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id)?;
+        self.app.get_site(&site_id).await?;
         let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_alerts())
             .filter_map(move |item| {
@@ -295,13 +298,13 @@ impl ActionLogService for ActionLogApi {
         self.app.settle_failed_attempts().await;
         let page = self
             .app
-            .storage()
+            .store()
             .list_notifications(
                 Some(site_id),
                 state,
-                &request.page_token,
-                page_size(request.page_size)?,
+                convert::page_request(&request.page_token, request.page_size)?,
             )
+            .await
             .map_err(crate::error::Error::from)?;
         Ok(Response::new(pb::ListNotificationsResponse {
             notifications: page.items.into_iter().map(convert::notification).collect(),

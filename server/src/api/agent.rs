@@ -100,17 +100,20 @@ impl AgentService for AgentApi {
             }
             Err(reason) => return Err(Status::invalid_argument(reason)),
         };
-        self.app.device_seen(&device.device_id, facts)?;
+        self.app.device_seen(&device.device_id, facts).await?;
         if let Some(compliance) = compliance {
-            self.app.record_compliance(&device.device_id, compliance)?;
+            self.app
+                .record_compliance(&device.device_id, compliance)
+                .await?;
         }
-        let policy = self.app.device_policy(&device.device_id)?;
+        let policy = self.app.device_policy(&device.device_id).await?;
         let registration = self.app.live.register(&device.device_id);
         // An unenroll that ran since the interceptor's check found no stream
         // to tell: check again now that this one is registered.
         if !self
             .app
-            .device_certificate_valid(&device.device_id, &device.serial)?
+            .device_certificate_valid(&device.device_id, &device.serial)
+            .await?
         {
             drop(registration);
             return Err(Status::unauthenticated(
@@ -275,7 +278,7 @@ impl Session {
                 signal = self.registration.next() => {
                     let handled = match signal {
                         Signal::End(end) => Err(Stop::Told(end)),
-                        Signal::PolicyChanged => match self.app.device_policy(&self.device_id) {
+                        Signal::PolicyChanged => match self.app.device_policy(&self.device_id).await {
                             Ok(policy) => self.send(outbound(Outbound::Policy(convert::policy(policy)))).await,
                             Err(_) => Ok(()),
                         },
@@ -290,7 +293,7 @@ impl Session {
                     if last_heard.elapsed() > self.interval * 2 {
                         return "no heartbeat for two intervals".into();
                     }
-                    if matches!(self.app.device_certificate_valid(&self.device_id, &self.certificate_serial), Ok(false)) {
+                    if matches!(self.app.device_certificate_valid(&self.device_id, &self.certificate_serial).await, Ok(false)) {
                         return "the stream's certificate expired or was replaced".into();
                     }
                     let beat = pb::Heartbeat { sent_at: Some(timestamp(now_millis())) };
@@ -324,11 +327,13 @@ impl Session {
         let queued = self
             .app
             .pending_commands(&self.device_id)
+            .await
             .map_err(|error| {
                 tracing::error!(%error, "cannot read the command queue");
                 Stop::from("the command queue cannot be read")
             })?;
-        let mut commands = Vec::new();
+        let mut ids = Vec::new();
+        let mut built = Vec::new();
         for action in queued {
             if self.sent.contains(&action.action_id) {
                 continue;
@@ -336,27 +341,32 @@ impl Session {
             let Some(command) = self.command(&action) else {
                 continue;
             };
-            let sent = match self.app.mark_sent(&self.device_id, &action.action_id) {
-                Ok(Delivery::First(action)) => Some(*action),
-                Ok(Delivery::Again) => None,
-                Ok(Delivery::Withdrawn) => continue,
-                Err(error) => {
-                    tracing::error!(%error, "cannot record a sent command");
-                    return Err("the command queue cannot be written".into());
-                }
+            ids.push(action.action_id.clone());
+            built.push(command);
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let deliveries = self
+            .app
+            .mark_sent(&self.device_id, &ids)
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "cannot record sent commands");
+                Stop::from("the command queue cannot be written")
+            })?;
+        let mut commands = Vec::new();
+        for (command, delivery) in built.into_iter().zip(deliveries) {
+            let sent = match delivery {
+                Delivery::First(action) => Some(*action),
+                Delivery::Again => None,
+                Delivery::Withdrawn => continue,
             };
             commands.push((command, sent));
         }
-        if commands.is_empty() {
-            return Ok(());
-        }
-        self.app.commit().await.map_err(|error| {
-            tracing::error!(%error, "cannot record sent commands");
-            Stop::from("the command queue cannot be written")
-        })?;
         for (command, sent) in commands {
             if let Some(action) = sent {
-                self.app.publish(action);
+                self.app.publish(action).await;
             }
             self.write_command(command).await?;
         }
@@ -410,7 +420,7 @@ impl Session {
                     if let Some((id, reports)) = group.take() {
                         self.store_reports(&id, reports).await?;
                     }
-                    self.handle(other);
+                    self.handle(other).await;
                 }
             }
         }
@@ -437,10 +447,10 @@ impl Session {
     }
 
     /// A message that is not a report.
-    fn handle(&self, message: Result<AgentMessage, String>) {
+    async fn handle(&self, message: Result<AgentMessage, String>) {
         match message {
             Ok(AgentMessage::Heartbeat) => {
-                if let Err(error) = self.app.device_seen(&self.device_id, None) {
+                if let Err(error) = self.app.device_seen(&self.device_id, None).await {
                     tracing::warn!(%error, "cannot record a heartbeat");
                 }
             }
@@ -449,7 +459,11 @@ impl Session {
                 tracing::warn!(device_id = %self.device_id, "second hello on one stream ignored");
             }
             Ok(AgentMessage::Compliance(compliance)) => {
-                if let Err(error) = self.app.record_compliance(&self.device_id, compliance) {
+                if let Err(error) = self
+                    .app
+                    .record_compliance(&self.device_id, compliance)
+                    .await
+                {
                     tracing::warn!(%error, "cannot record compliance");
                 }
             }

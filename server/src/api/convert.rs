@@ -40,6 +40,17 @@ pub fn page_size(requested: u32) -> Result<usize, Status> {
     }
 }
 
+/// The page a list request asks for.
+pub fn page_request(
+    token: &str,
+    requested: u32,
+) -> Result<mdm_core::store::PageRequest<'_>, Status> {
+    Ok(mdm_core::store::PageRequest {
+        token,
+        limit: page_size(requested)?,
+    })
+}
+
 /// A required id field: present and of a sane shape.
 pub fn required_id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     let value = value.trim();

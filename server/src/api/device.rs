@@ -6,7 +6,7 @@ use mdm_proto::v1 as pb;
 use mdm_proto::v1::device_service_server::DeviceService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, required_id};
 use crate::app::App;
 use crate::identity;
 use crate::model::{ActionType, CommandPayload};
@@ -40,16 +40,19 @@ impl DeviceService for DeviceApi {
         };
         let status = convert::device_status_from_proto(request.status());
         let user = request.user_email.trim().to_ascii_lowercase();
-        let page = self.app.list_devices(
-            site_id,
-            &request.page_token,
-            page_size(request.page_size)?,
-            |device| {
-                platform.is_none_or(|p| device.facts.platform == p)
-                    && status.is_none_or(|s| device.status == s)
-                    && (user.is_empty() || device.user_email == user)
-            },
-        )?;
+        let filter = mdm_core::store::DeviceFilter {
+            platform,
+            status,
+            user_email: user,
+        };
+        let page = self
+            .app
+            .list_devices(
+                site_id,
+                &filter,
+                convert::page_request(&request.page_token, request.page_size)?,
+            )
+            .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: page
                 .items
@@ -69,11 +72,11 @@ impl DeviceService for DeviceApi {
     ) -> Rpc<pb::GetDeviceResponse> {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
-        let device = self.app.get_device(device_id)?;
+        let device = self.app.get_device(device_id).await?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         let online = self.app.is_online(device_id);
-        let security = self.app.security_view(&device, &admin.email)?;
-        let audit_trail = self.app.audit_trail(device_id, 50)?;
+        let security = self.app.security_view(&device, &admin.email).await?;
+        let audit_trail = self.app.audit_trail(device_id, 50).await?;
         let mut device = convert::device(std::sync::Arc::unwrap_or_clone(device), online);
         device.security = Some(convert::security(security));
         Ok(Response::new(pb::GetDeviceResponse {
@@ -89,7 +92,7 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
-        let device = self.app.get_device(device_id)?;
+        let device = self.app.get_device(device_id).await?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         if request.confirm_user_email.trim().is_empty() {
             return Err(crate::error::Error::FailedPrecondition(
@@ -123,7 +126,7 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
-        let device = self.app.get_device(device_id)?;
+        let device = self.app.get_device(device_id).await?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         let message = convert::lock_message(request.message)?;
         let ttl = convert::duration("ttl", request.ttl)?;
@@ -148,7 +151,7 @@ impl DeviceService for DeviceApi {
     ) -> Rpc<pb::UnenrollDeviceResponse> {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
-        let device = self.app.get_device(device_id)?;
+        let device = self.app.get_device(device_id).await?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         let action = self.app.unenroll_device(device_id, &admin.email).await?;
         Ok(Response::new(pb::UnenrollDeviceResponse {

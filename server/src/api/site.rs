@@ -6,7 +6,7 @@ use mdm_proto::v1 as pb;
 use mdm_proto::v1::site_service_server::SiteService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_owner, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_owner, authorize_site, required_id};
 use crate::app::App;
 use crate::identity;
 use crate::sites::SiteChanges;
@@ -45,7 +45,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let site = self.app.get_site(site_id)?;
+        let site = self.app.get_site(site_id).await?;
         Ok(Response::new(pb::GetSiteResponse {
             site: Some(convert::site(site)),
         }))
@@ -57,11 +57,16 @@ impl SiteService for SiteApi {
     ) -> Rpc<pb::ListSitesResponse> {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
-        let page =
-            self.app
-                .list_sites(&request.page_token, page_size(request.page_size)?, |site| {
-                    admin.may_manage_site(&site.site_id)
-                })?;
+        let filter = mdm_core::store::SiteFilter {
+            only: (!admin.is_owner()).then(|| admin.sites.clone()),
+        };
+        let page = self
+            .app
+            .list_sites(
+                &filter,
+                convert::page_request(&request.page_token, request.page_size)?,
+            )
+            .await?;
         Ok(Response::new(pb::ListSitesResponse {
             sites: page.items.into_iter().map(convert::site).collect(),
             next_page_token: page.next_page_token,
@@ -127,7 +132,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let policy = self.app.passcode_policy(site_id)?;
+        let policy = self.app.passcode_policy(site_id).await?;
         Ok(Response::new(pb::GetPasscodePolicyResponse {
             policy: Some(convert::policy(policy)),
         }))

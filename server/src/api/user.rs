@@ -6,7 +6,7 @@ use mdm_proto::v1 as pb;
 use mdm_proto::v1::user_service_server::UserService;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, authorize_object, authorize_site, page_size, required_id};
+use super::convert::{self, authorize_object, authorize_site, required_id};
 use crate::app::App;
 use crate::error::Error;
 use crate::identity;
@@ -48,13 +48,13 @@ impl UserService for UserApi {
         let request = request.into_inner();
         let user = if !request.user_id.is_empty() {
             let user_id = required_id("user_id", &request.user_id)?;
-            let user = self.app.get_user_by_id(user_id)?;
+            let user = self.app.get_user_by_id(user_id).await?;
             authorize_object(&admin, &user.site_id, "user", user_id)?;
             user
         } else if !request.site_id.is_empty() && !request.email.is_empty() {
             let site_id = required_id("site_id", &request.site_id)?;
             authorize_site(&admin, site_id)?;
-            self.app.get_user(site_id, &request.email)?
+            self.app.get_user(site_id, &request.email).await?
         } else {
             return Err(Error::InvalidArgument("give user_id, or site_id and email".into()).into());
         };
@@ -71,9 +71,13 @@ impl UserService for UserApi {
         let request = request.into_inner();
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
-        let page =
-            self.app
-                .list_users(site_id, &request.page_token, page_size(request.page_size)?)?;
+        let page = self
+            .app
+            .list_users(
+                site_id,
+                convert::page_request(&request.page_token, request.page_size)?,
+            )
+            .await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: page.items.into_iter().map(convert::user).collect(),
             next_page_token: page.next_page_token,
@@ -86,7 +90,7 @@ impl UserService for UserApi {
     ) -> Rpc<pb::DeleteUserResponse> {
         let admin = identity::admin(&request)?;
         let user_id = required_id("user_id", &request.get_ref().user_id)?;
-        let user = self.app.get_user_by_id(user_id)?;
+        let user = self.app.get_user_by_id(user_id).await?;
         authorize_object(&admin, &user.site_id, "user", user_id)?;
         self.app.delete_user(user_id).await?;
         tracing::info!(user_id, site_id = %user.site_id, admin = %admin.email, "user deleted");
