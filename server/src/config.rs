@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use zeroize::Zeroizing;
+
 use crate::admins::Role;
 
 /// Default data dir, relative to the working directory.
@@ -31,6 +33,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (creates the data dir, CA and an owner credential on first start).
@@ -94,7 +98,7 @@ pub struct ServeArgs {
     pub smtp_port: Option<u16>,
     /// starttls (default), tls (implicit) or none (a relay on this machine only).
     #[arg(long, env = "MDM_SMTP_TLS", value_enum)]
-    pub smtp_tls: Option<crate::notify::SmtpTls>,
+    pub smtp_tls: Option<SmtpTls>,
     /// SMTP user name; the password comes from MDM_SMTP_PASSWORD.
     #[arg(long, env = "MDM_SMTP_USERNAME", value_name = "USER")]
     pub smtp_username: Option<String>,
@@ -116,6 +120,15 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub webhook_allow_private_networks: Option<bool>,
+    /// Store everything in this PostgreSQL database instead of the data
+    /// dir's embedded one, e.g. postgres://mdm@db.example.com/mdm?sslmode=verify-full.
+    /// Give the password in MDM_DATABASE_PASSWORD (a password in a URL on
+    /// the command line is refused: process lists show it).
+    #[arg(long, env = "MDM_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// PEM CA certificate(s) the database's TLS certificate must chain to.
+    #[arg(long, env = "MDM_DATABASE_CA_FILE", value_name = "FILE")]
+    pub database_ca_file: Option<PathBuf>,
     /// Most users one site may have; CreateUser and ImportUsers beyond it
     /// are refused [default: 100000].
     #[arg(long, env = "MDM_MAX_USERS_PER_SITE", value_parser = clap::value_parser!(u32).range(1..=100_000_000), value_name = "N")]
@@ -185,8 +198,8 @@ pub struct Config {
     /// How often expired commands are looked for.
     pub expiry_interval: Duration,
     /// The mail relay; None writes `.eml` files under the data dir.
-    pub smtp: Option<crate::notify::SmtpConfig>,
-    pub outbox_retry: crate::notify::RetryPolicy,
+    pub smtp: Option<SmtpConfig>,
+    pub outbox_retry: RetryPolicy,
     /// Per source address: TLS handshakes in progress, and open connections
     /// without a client certificate (each counted separately).
     pub connections_per_source: usize,
@@ -197,6 +210,8 @@ pub struct Config {
     pub webhook_hosts: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
     /// Most users one site may have.
     pub max_users_per_site: usize,
+    /// PostgreSQL instead of the embedded database.
+    pub database: Option<mdm_store_postgres::PgConfig>,
 }
 
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 64;
@@ -261,6 +276,7 @@ impl Config {
             webhook_allow_private_networks: false,
             webhook_hosts: Default::default(),
             max_users_per_site: DEFAULT_MAX_USERS_PER_SITE,
+            database: None,
         }
     }
 }
@@ -283,6 +299,8 @@ pub struct FileConfig {
     connections_per_source: Option<u32>,
     webhook_allow_private_networks: Option<bool>,
     max_users_per_site: Option<u32>,
+    database_url: Option<String>,
+    database_ca_file: Option<PathBuf>,
     smtp: Option<FileSmtp>,
 }
 
@@ -293,7 +311,7 @@ pub struct FileConfig {
 struct FileSmtp {
     host: Option<String>,
     port: Option<u16>,
-    tls: Option<crate::notify::SmtpTls>,
+    tls: Option<SmtpTls>,
     username: Option<String>,
     from: Option<String>,
     ca_file: Option<PathBuf>,
@@ -302,8 +320,7 @@ struct FileSmtp {
 fn smtp_config(
     args: &ServeArgs,
     file: Option<FileSmtp>,
-) -> Result<Option<crate::notify::SmtpConfig>, ConfigError> {
-    use crate::notify::{SmtpConfig, SmtpTls};
+) -> Result<Option<SmtpConfig>, ConfigError> {
     let file = file.unwrap_or_default();
     let Some(host) = args.smtp_host.clone().or(file.host) else {
         return Ok(None);
@@ -326,9 +343,7 @@ fn smtp_config(
         ConfigError("smtp needs a from address (--smtp-from or [smtp] from)".into())
     })?;
     let username = args.smtp_username.clone().or(file.username);
-    let password = std::env::var("MDM_SMTP_PASSWORD")
-        .ok()
-        .map(zeroize::Zeroizing::new);
+    let password = std::env::var("MDM_SMTP_PASSWORD").ok().map(Zeroizing::new);
     if username.is_some() != password.is_some() {
         return Err(ConfigError(
             "smtp authentication needs both a username and MDM_SMTP_PASSWORD".into(),
@@ -352,8 +367,36 @@ fn smtp_config(
         from,
         ca_pem,
     };
-    crate::notify::check_config(Some(&smtp)).map_err(|e| ConfigError(e.to_string()))?;
     Ok(Some(smtp))
+}
+
+/// The PostgreSQL settings, if any. The password comes from the URL (in
+/// the environment or the config file) or from `MDM_DATABASE_PASSWORD`.
+fn database_config(
+    args: &ServeArgs,
+    file_url: Option<String>,
+    file_ca: Option<PathBuf>,
+) -> Result<Option<mdm_store_postgres::PgConfig>, ConfigError> {
+    let from_environment = std::env::var("MDM_DATABASE_URL").ok();
+    let Some(url) = args.database_url.clone().or(file_url) else {
+        return Ok(None);
+    };
+    let on_command_line = args.database_url.is_some() && from_environment != args.database_url;
+    if on_command_line && mdm_store_postgres::url_has_password(&url) {
+        return Err(ConfigError(
+            "--database-url must not contain a password (process lists show it); \
+             put it in MDM_DATABASE_PASSWORD, or the whole URL in MDM_DATABASE_URL or the config file"
+                .into(),
+        ));
+    }
+    let mut database = mdm_store_postgres::PgConfig::new(url);
+    database.password = std::env::var("MDM_DATABASE_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Zeroizing::new);
+    database.ca_file = args.database_ca_file.clone().or(file_ca);
+    mdm_store_postgres::check_config(&database).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(Some(database))
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -469,6 +512,7 @@ pub fn resolve_with_file(
             }
             Some(n) => n as usize,
         },
+        database: database_config(args, file.database_url, file.database_ca_file)?,
     })
 }
 
@@ -601,5 +645,65 @@ mod tests {
         let error = resolve_text("colour = \"blue\"\n").unwrap_err();
         assert!(error.0.starts_with("config file test.toml: "), "{error}");
         assert!(resolve_text("san = [\"bad name\"]\n").is_err());
+    }
+}
+
+/// How the server talks to its mail relay.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Option<Zeroizing<String>>,
+    pub from: String,
+    /// PEM CA certificate to trust for the relay, besides the public roots.
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP: only for a relay on this machine.
+    None,
+    /// Upgrade with STARTTLS (required).
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+}
+
+/// Retry schedule of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Wait before the first retry; doubles after each failure.
+    pub first: Duration,
+    /// Longest wait between two attempts.
+    pub max: Duration,
+    /// After this long a notification is given up as failed.
+    pub window: Duration,
+    /// One delivery attempt is cut off after this long.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_secs(5),
+            max: Duration::from_secs(600),
+            window: Duration::from_secs(24 * 3600),
+            attempt_timeout: Duration::from_secs(30),
+        }
     }
 }

@@ -187,10 +187,18 @@ impl AdminAuthenticator {
     }
 }
 
-/// `(device_id, serial_hex)` -> whether that certificate may no longer be used.
-type RevocationCheck = dyn Fn(&str, &str) -> Result<bool, Status> + Send + Sync;
+/// `(device_id, serial_hex)` -> whether that certificate may no longer be
+/// used; a store lookup, so asynchronous.
+type RevocationCheck = dyn Fn(String, String) -> futures::future::BoxFuture<'static, Result<bool, Status>>
+    + Send
+    + Sync;
 
 /// Checks device certificates; revocation is looked up by `is_revoked`.
+///
+/// The interceptor checks what the certificate itself says (kind, expiry);
+/// a tonic interceptor cannot wait, so whether the certificate is still the
+/// device's is checked by [`DeviceAuthenticator::check_revoked`] at the
+/// start of every device call, and again by a stream at every heartbeat.
 #[derive(Clone)]
 pub struct DeviceAuthenticator {
     is_revoked: Arc<RevocationCheck>,
@@ -203,25 +211,35 @@ impl std::fmt::Debug for DeviceAuthenticator {
 }
 
 impl DeviceAuthenticator {
-    /// `is_revoked(device_id, serial_hex)` says whether that certificate may no longer be used.
     pub fn new(
-        is_revoked: impl Fn(&str, &str) -> Result<bool, Status> + Send + Sync + 'static,
+        is_revoked: impl Fn(String, String) -> futures::future::BoxFuture<'static, Result<bool, Status>>
+        + Send
+        + Sync
+        + 'static,
     ) -> Self {
         Self {
             is_revoked: Arc::new(is_revoked),
         }
     }
 
-    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<DeviceIdentity, Status> {
-        self.check(parse_client_cert(request)?)
-    }
-
     /// The device a leaf certificate (DER) proves, while it is valid.
-    pub fn authenticate_der(&self, der: &[u8]) -> Result<DeviceIdentity, Status> {
-        self.check(parse_cached(der)?)
+    pub async fn authenticate_der(&self, der: &[u8]) -> Result<DeviceIdentity, Status> {
+        let identity = Self::check_certificate(parse_cached(der)?)?;
+        self.check_revoked(&identity).await?;
+        Ok(identity)
     }
 
-    fn check(&self, cert: ClientCert) -> Result<DeviceIdentity, Status> {
+    /// Refuses a certificate that is no longer one of the device's current ones.
+    pub async fn check_revoked(&self, identity: &DeviceIdentity) -> Result<(), Status> {
+        if (self.is_revoked)(identity.device_id.clone(), identity.serial.clone()).await? {
+            return Err(Status::unauthenticated(
+                "the device certificate is revoked; enroll again",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_certificate(cert: ClientCert) -> Result<DeviceIdentity, Status> {
         let device_id = match (cert.unit.as_deref(), cert.device_id) {
             (Some(DEVICE_OU), Some(id)) => id,
             _ => {
@@ -235,11 +253,6 @@ impl DeviceAuthenticator {
                 "the device certificate has expired; enroll again",
             ));
         }
-        if (self.is_revoked)(&device_id, &cert.serial_hex)? {
-            return Err(Status::unauthenticated(
-                "the device certificate is revoked; enroll again",
-            ));
-        }
         Ok(DeviceIdentity {
             device_id,
             serial: cert.serial_hex,
@@ -248,7 +261,7 @@ impl DeviceAuthenticator {
 
     pub fn interceptor(self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
         move |mut request: Request<()>| {
-            let identity = self.authenticate(&request)?;
+            let identity = Self::check_certificate(parse_client_cert(&request)?)?;
             request.extensions_mut().insert(identity);
             Ok(request)
         }
@@ -258,24 +271,31 @@ impl DeviceAuthenticator {
 /// For a leaf certificate (DER) of an identity that may use the server now
 /// (an unrevoked admin, a current certificate of an enrolled device), a
 /// check of whether it still may, over the certificate parsed once.
-pub fn authorizer(
-    admins: &AdminAuthenticator,
-    devices: &DeviceAuthenticator,
-    der: &[u8],
+pub async fn authorizer(
+    admins: AdminAuthenticator,
+    devices: DeviceAuthenticator,
+    der: Vec<u8>,
 ) -> Option<Arc<crate::tls::StillAuthorized>> {
-    let cert = parse_cached(der).ok()?;
+    use futures::FutureExt;
+    let cert = parse_cached(&der).ok()?;
     let check: Arc<crate::tls::StillAuthorized> = match cert.unit.as_deref() {
-        Some(ADMIN_OU) => {
-            let admins = admins.clone();
-            Arc::new(move || admins.check(cert.clone()).is_ok())
-        }
-        Some(DEVICE_OU) => {
-            let devices = devices.clone();
-            Arc::new(move || devices.check(cert.clone()).is_ok())
-        }
+        Some(ADMIN_OU) => Arc::new(move || {
+            let authorized = admins.check(cert.clone()).is_ok();
+            async move { authorized }.boxed()
+        }),
+        Some(DEVICE_OU) => Arc::new(move || {
+            let (devices, cert) = (devices.clone(), cert.clone());
+            async move {
+                match DeviceAuthenticator::check_certificate(cert) {
+                    Ok(identity) => devices.check_revoked(&identity).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+            .boxed()
+        }),
         _ => return None,
     };
-    check().then_some(check)
+    check().await.then_some(check)
 }
 
 /// The identity an interceptor attached; its absence is a wiring bug, reported as such.

@@ -31,4 +31,5 @@ pub mod webhook;
 pub use mdm_core::{crypto, fsutil, model};
 
 pub use config::Config;
+pub use mdm_store_postgres::PgConfig;
 pub use server::run;

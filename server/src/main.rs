@@ -21,7 +21,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let config = match config::resolve(cli.data_dir, &args) {
+            let config = match config::resolve(cli.data_dir, &args).and_then(|config| {
+                mdm_server::notify::check_config(config.smtp.as_ref())
+                    .map_err(|e| config::ConfigError(e.to_string()))?;
+                Ok(config)
+            }) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("mdm-server: {error}");
@@ -96,7 +100,11 @@ fn serve(config: mdm_server::Config) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("mdm-server: {error}");
-                ExitCode::FAILURE
+                if error.is_configuration() {
+                    ExitCode::from(EX_USAGE)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })

@@ -22,65 +22,7 @@ use zeroize::Zeroizing;
 use crate::app::App;
 use crate::model::{Millis, Notification, NotificationState, PASSCODE_PLACEHOLDER, now_millis};
 
-/// How the server talks to its mail relay.
-#[derive(Clone)]
-pub struct SmtpConfig {
-    pub host: String,
-    pub port: u16,
-    pub tls: SmtpTls,
-    pub username: Option<String>,
-    pub password: Option<Zeroizing<String>>,
-    pub from: String,
-    /// PEM CA certificate to trust for the relay, besides the public roots.
-    pub ca_pem: Option<String>,
-}
-
-impl std::fmt::Debug for SmtpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmtpConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .field("from", &self.from)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SmtpTls {
-    /// Plain SMTP: only for a relay on this machine.
-    None,
-    /// Upgrade with STARTTLS (required).
-    Starttls,
-    /// TLS from the first byte (SMTPS).
-    Tls,
-}
-
-/// Retry schedule of the outbox.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Wait before the first retry; doubles after each failure.
-    pub first: Duration,
-    /// Longest wait between two attempts.
-    pub max: Duration,
-    /// After this long a notification is given up as failed.
-    pub window: Duration,
-    /// One delivery attempt is cut off after this long.
-    pub attempt_timeout: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            first: Duration::from_secs(5),
-            max: Duration::from_secs(600),
-            window: Duration::from_secs(24 * 3600),
-            attempt_timeout: Duration::from_secs(30),
-        }
-    }
-}
+pub use crate::config::{RetryPolicy, SmtpConfig, SmtpTls};
 
 enum Sink {
     Smtp {

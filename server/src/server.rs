@@ -51,6 +51,64 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
+    #[error(transparent)]
+    Database(#[from] mdm_store_postgres::PgOpenError),
+    #[error(transparent)]
+    Store(#[from] mdm_core::store::StoreError),
+    #[error("stopped while waiting for the database")]
+    StoppedWaiting,
+}
+
+impl ServerError {
+    /// Whether the cause is a setting the admin has to change (exit 64).
+    pub fn is_configuration(&self) -> bool {
+        use mdm_store_postgres::PgOpenError;
+        matches!(
+            self,
+            ServerError::Database(
+                PgOpenError::BadUrl(_)
+                    | PgOpenError::BadCaFile { .. }
+                    | PgOpenError::Tls(_)
+                    | PgOpenError::Refused { .. }
+                    | PgOpenError::SchemaTooNew { .. }
+            )
+        )
+    }
+}
+
+/// Longest wait between two tries to reach a database that is down at start.
+const DATABASE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The store the config names: PostgreSQL, or the data dir's sled database.
+/// A PostgreSQL that cannot be reached yet is tried again (with a log line
+/// each time) until it answers or `shutdown` resolves; one that refuses
+/// (bad URL, wrong password, a newer schema) is an error at once.
+async fn open_store(
+    config: &Config,
+    dir: &DataDir,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Arc<dyn Store>, ServerError> {
+    let Some(database) = &config.database else {
+        return Ok(Arc::new(Storage::open(&dir.db())?));
+    };
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match mdm_store_postgres::PgStore::connect(database.clone()).await {
+            Ok(store) => {
+                tracing::info!(database = store.target(), "storing in PostgreSQL");
+                return Ok(Arc::new(store));
+            }
+            Err(mdm_store_postgres::PgOpenError::Unreachable { target, reason }) => {
+                tracing::warn!(%target, %reason, retry_in = ?wait, "the database is not reachable; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = &mut *shutdown => return Err(ServerError::StoppedWaiting),
+                }
+                wait = (wait * 2).min(DATABASE_RETRY_MAX);
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
 }
 
 /// Creates the data dir on first start; on later starts checks it is ours.
@@ -70,20 +128,6 @@ pub fn open_app(dir: &DataDir, store: Arc<dyn Store>, config: &Config) -> Result
     let keys = ServerKeys::new(dir.load_secret()?);
     let ca = Arc::new(dir.load_ca()?);
     Ok(App::new(store, Arc::new(dir.registry()), &keys, ca, config))
-}
-
-/// Runs a store lookup for a synchronous caller (an interceptor, the
-/// connection recheck on the blocking pool). On the server's multi-thread
-/// runtime the worker hands its other tasks away while it waits; elsewhere
-/// (a test's single-thread runtime) the lookup runs in place, which the
-/// embedded store answers without waiting.
-fn wait_for<F: Future>(lookup: F) -> F::Output {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| handle.block_on(lookup))
-        }
-        _ => futures::executor::block_on(lookup),
-    }
 }
 
 /// DNS names and addresses the server certificate covers.
@@ -122,21 +166,25 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     prepare_data_dir(&config)?;
     let dir = DataDir::new(&config.data_dir);
-    let storage = Storage::open(&dir.db())?;
+    let mut shutdown = Box::pin(shutdown);
+    let store = open_store(&config, &dir, &mut shutdown).await?;
     let ca = dir.load_ca()?;
     let (server_chain, server_key) = dir.server_identity(&ca, &server_names(&config))?;
     let acceptor = tls::acceptor(ca.cert_pem(), &server_chain, &server_key)?;
     drop(server_key);
 
-    let store: Arc<dyn Store> = Arc::new(storage.clone());
-    let app = Arc::new(open_app(&dir, store, &config)?);
+    let app = Arc::new(open_app(&dir, store.clone(), &config)?);
     let admin_auth = AdminAuthenticator::new(app.registry.clone());
     let device_auth = {
         let app = app.clone();
         DeviceAuthenticator::new(move |device_id, serial| {
-            wait_for(app.device_certificate_valid(device_id, serial))
-                .map(|valid| !valid)
-                .map_err(Status::from)
+            let app = app.clone();
+            Box::pin(async move {
+                app.device_certificate_valid(&device_id, &serial)
+                    .await
+                    .map(|valid| !valid)
+                    .map_err(Status::from)
+            })
         })
     };
 
@@ -158,7 +206,13 @@ pub async fn run(
     let connections = Arc::new(tls::Connections::default());
     let authorize: Arc<tls::Authorize> = {
         let (admins, devices) = (admin_auth.clone(), device_auth.clone());
-        Arc::new(move |der: &[u8]| crate::identity::authorizer(&admins, &devices, der))
+        Arc::new(move |der: &[u8]| {
+            Box::pin(crate::identity::authorizer(
+                admins.clone(),
+                devices.clone(),
+                der.to_vec(),
+            ))
+        })
     };
     let admin = admin_auth.interceptor();
     let site = InterceptedService::new(
@@ -309,7 +363,8 @@ pub async fn run(
     while Arc::strong_count(&app) > 1 && tokio::time::Instant::now() < released {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    storage.flush()?;
+    store.close().await?;
+    drop(store);
     tracing::info!("stopped; storage flushed");
     result.map_err(ServerError::from)
 }

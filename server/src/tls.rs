@@ -144,8 +144,10 @@ impl Drop for SourceSlot {
 /// device), a check of whether that still holds; None for anything else,
 /// which counts like a connection without a certificate. The certificate is
 /// parsed once per connection, not at every check.
-pub type Authorize = dyn Fn(&[u8]) -> Option<Arc<StillAuthorized>> + Send + Sync;
-pub type StillAuthorized = dyn Fn() -> bool + Send + Sync;
+pub type Authorize = dyn Fn(&[u8]) -> futures::future::BoxFuture<'static, Option<Arc<StillAuthorized>>>
+    + Send
+    + Sync;
+pub type StillAuthorized = dyn Fn() -> futures::future::BoxFuture<'static, bool> + Send + Sync;
 
 /// How often open connections with a certificate are checked again, so a
 /// revoked identity stops escaping the per-source limit.
@@ -191,7 +193,7 @@ impl Connections {
 
     /// Counts every connection whose certificate is no longer authorized
     /// against its source's anonymous pool, closing it when that is full.
-    fn recheck(&self, limits: &Arc<SourceLimits>) {
+    async fn recheck(&self, limits: &Arc<SourceLimits>) {
         let entries: Vec<(SocketAddr, Arc<ConnectionEntry>)> = self
             .lock()
             .iter()
@@ -201,8 +203,17 @@ impl Connections {
             let Some(still_authorized) = &entry.still_authorized else {
                 continue;
             };
+            if entry
+                .slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+                || still_authorized().await
+            {
+                continue;
+            }
             let mut slot = entry.slot.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_some() || still_authorized() {
+            if slot.is_some() {
                 continue;
             }
             match limits.acquire(entry.source, true) {
@@ -351,9 +362,7 @@ pub async fn accept_loop(
                 tokio::select! {
                     () = stopped(&mut stop) => return,
                     _ = every.tick() => {
-                        let (connections, limits) = (connections.clone(), limits.clone());
-                        // Device checks read storage.
-                        let _ = tokio::task::spawn_blocking(move || connections.recheck(&limits)).await;
+                        connections.recheck(&limits).await;
                     }
                 }
             }
@@ -391,12 +400,16 @@ pub async fn accept_loop(
             drop(handshake);
             match handshaken {
                 Ok(Ok(stream)) => {
-                    let still_authorized = stream
+                    let leaf = stream
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .and_then(|leaf| authorize(leaf.as_ref()));
+                        .map(|leaf| leaf.as_ref().to_vec());
+                    let still_authorized = match leaf {
+                        Some(leaf) => authorize(&leaf).await,
+                        None => None,
+                    };
                     let slot = if still_authorized.is_some() {
                         None
                     } else {

@@ -26,6 +26,7 @@ use crate::PgOpenError;
 ///
 /// `allow` is taken as `prefer`; `verify-ca` is refused: say `verify-full`
 /// (rustls always checks the name).
+#[derive(Clone)]
 pub struct PgConfig {
     pub url: String,
     /// Takes the place of a password in the URL; keep the URL free of one
@@ -82,6 +83,20 @@ pub(crate) struct Parsed {
 }
 
 /// The URL with its password replaced by `***`.
+/// Whether the URL carries a password (`postgres://user:password@host`).
+pub fn url_has_password(url: &str) -> bool {
+    url_password(url).is_some_and(|(start, end)| end > start)
+}
+
+/// Checks the settings without connecting (the URL, TLS mode, CA file).
+pub fn check_config(config: &PgConfig) -> Result<(), PgOpenError> {
+    let parsed = parse(config)?;
+    if parsed.tls != Tls::Disable {
+        client_config(parsed.tls, parsed.ca_file.as_deref())?;
+    }
+    Ok(())
+}
+
 pub(crate) fn redacted_url(url: &str) -> String {
     match url_password(url) {
         Some((start, end)) => format!("{}***{}", &url[..start], &url[end..]),

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use mdm_core::store::{Store, StoreResult};
 
-pub use config::PgConfig;
+pub use config::{PgConfig, check_config, url_has_password};
 pub use schema::SCHEMA_VERSION;
 
 use db::{Fail, R};

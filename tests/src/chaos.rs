@@ -167,7 +167,11 @@ impl Server {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = tokio::process::Command::new(binary)
+        let mut command = tokio::process::Command::new(binary);
+        if let Some(url) = crate::store_database_for(&self.data_dir).await {
+            command.env("MDM_DATABASE_URL", url);
+        }
+        let mut child = command
             .args(["serve", "--heartbeat-interval", "1s", "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")

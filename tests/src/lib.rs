@@ -100,9 +100,14 @@ impl TestServer {
     }
 
     pub async fn start_with(
-        config: mdm_server::Config,
+        mut config: mdm_server::Config,
     ) -> Result<Self, mdm_server::server::ServerError> {
         init_test_tracing();
+        if config.database.is_none()
+            && let Some(url) = store_database_for(&config.data_dir).await
+        {
+            config.database = Some(mdm_server::PgConfig::new(url));
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let data_dir = config.data_dir.clone();
@@ -358,7 +363,11 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `mdm-server serve` on `data_dir` and waits until it listens.
     pub async fn start(data_dir: &Path, port: u16) -> Self {
-        let child = tokio::process::Command::new(server_bin())
+        let mut command = tokio::process::Command::new(server_bin());
+        if let Some(url) = store_database_for(data_dir).await {
+            command.env("MDM_DATABASE_URL", url);
+        }
+        let child = command
             .args(["serve", "--heartbeat-interval", "1s", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
@@ -801,6 +810,48 @@ pub fn test_database_url() -> Option<String> {
             None
         }
     }
+}
+
+/// Whether the end-to-end tests run on PostgreSQL (`MDM_TEST_STORE=postgres`,
+/// which `cargo xtask test` sets for its second pass) instead of the
+/// embedded store.
+pub fn on_postgres() -> bool {
+    std::env::var("MDM_TEST_STORE").as_deref() == Ok("postgres")
+}
+
+/// On the PostgreSQL pass: the URL of the database of the deployment in
+/// `data_dir`, created on first use. One database per data dir, so a test
+/// that restarts a server on its data dir finds its records again.
+pub async fn store_database_for(data_dir: &Path) -> Option<String> {
+    if !on_postgres() {
+        return None;
+    }
+    let base = test_database_url().expect("MDM_TEST_STORE=postgres needs MDM_TEST_DATABASE_URL");
+    let name = {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(absolute);
+        format!("mdm_e2e_{hash:016x}")
+    };
+    let config: tokio_postgres::Config = base.parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    if let Err(error) = client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        && error.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+    {
+        panic!("cannot create the test database {name}: {error}");
+    }
+    drop(client);
+    let _ = connection.await;
+    let (prefix, query) = base.split_once('?').unwrap_or((&base, ""));
+    let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
+    let mut url = format!("{server}/{name}");
+    if !query.is_empty() {
+        url = format!("{url}?{query}");
+    }
+    Some(url)
 }
 
 /// One wrong company passcode given with `email`, refused as

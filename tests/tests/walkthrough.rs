@@ -8,7 +8,15 @@ use mdm_tests::{agent_bin, grpcurl_path, server_bin, workspace_root};
 #[test]
 fn the_readme_story_runs_end_to_end() {
     let work = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new("bash")
+    let mut command = std::process::Command::new("bash");
+    // The script's server runs on the data dir `mdm-data` in its work dir.
+    let database = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(mdm_tests::store_database_for(&work.path().join("mdm-data")));
+    if let Some(url) = database {
+        command.env("MDM_DATABASE_URL", url);
+    }
+    let output = command
         .arg(workspace_root().join("scripts/walkthrough.sh"))
         .env("MDM_SERVER_BIN", server_bin())
         .env("MDM_AGENT_BIN", agent_bin())

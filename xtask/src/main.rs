@@ -73,6 +73,60 @@ fn run(step: &str, command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// What a `cargo test` run printed about its tests, counted per backend.
+#[derive(Debug, Default)]
+struct TestCounts {
+    passed: usize,
+    failed: usize,
+    sled_conformance: usize,
+    postgres_conformance: usize,
+}
+
+/// Runs `cargo test …`, passing its output through, and counts the tests
+/// that passed (all, and the conformance cases per backend, whose names
+/// carry the backend's module: `sled::…`, `postgres::…`).
+fn run_tests(step: &str, command: &mut Command) -> Result<TestCounts> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {step}");
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {step}"))?;
+    let mut counts = TestCounts::default();
+    let stdout = child.stdout.take().context("no test output")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(name) = line.strip_prefix("test ")
+            && let Some(name) = name.strip_suffix(" ... ok")
+        {
+            counts.passed += 1;
+            if name.starts_with("sled::") {
+                counts.sled_conformance += 1;
+            } else if name.starts_with("postgres::") {
+                counts.postgres_conformance += 1;
+            }
+        } else if line.starts_with("test ") && line.ends_with(" ... FAILED") {
+            counts.failed += 1;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{step} failed ({status}); {} tests failed", counts.failed);
+    }
+    Ok(counts)
+}
+
+/// The end-to-end tests run a second time with the server on PostgreSQL.
+const POSTGRES_END_TO_END: [&str; 6] = [
+    "walkthrough",
+    "commands",
+    "reset",
+    "notifications",
+    "enrollment",
+    "chaos",
+];
+
 /// A real SMTP server for the notification tests, with its pinned dependencies.
 const SMTP_PACKAGES: [&str; 3] = ["aiosmtpd==1.4.6", "atpublic==9.0.0", "attrs==26.1.0"];
 
@@ -127,20 +181,48 @@ fn test(extra: &[String]) -> Result<()> {
     // The end-to-end tests drive the real agent binary, which `cargo test
     // --workspace` builds (for the agent's own CLI tests) before any test runs.
     let target = target_dir();
-    let mut command = cargo();
-    if let Some(database) = &database {
-        command.env("MDM_TEST_DATABASE_URL", &database.url);
-    }
-    run(
-        "cargo test --workspace",
+    let test_command = |database: Option<&postgres::TestDatabase>| {
+        let mut command = cargo();
+        if let Some(database) = database {
+            command.env("MDM_TEST_DATABASE_URL", &database.url);
+        }
         command
-            .args(["test", "--workspace"])
-            .args(extra)
             .env("MDM_GRPCURL", &tools.grpcurl)
             .env("MDM_TOOLS_PYTHONPATH", &tools.python_path)
             .env("MDM_AGENT_BIN", target.join("debug/mdm-agent"))
-            .env("MDM_SERVER_BIN", target.join("debug/mdm-server")),
-    )
+            .env("MDM_SERVER_BIN", target.join("debug/mdm-server"));
+        command
+    };
+    let all = run_tests(
+        "cargo test --workspace",
+        test_command(database.as_ref())
+            .args(["test", "--workspace"])
+            .args(extra),
+    )?;
+    let mut on_postgres = TestCounts::default();
+    if let Some(database) = &database {
+        let mut command = test_command(Some(database));
+        command
+            .args(["test", "-p", "mdm-tests"])
+            .env("MDM_TEST_STORE", "postgres");
+        for test in POSTGRES_END_TO_END {
+            command.args(["--test", test]);
+        }
+        on_postgres = run_tests(
+            "the end-to-end tests again, the server on PostgreSQL",
+            command.args(extra),
+        )?;
+    }
+    eprintln!(
+        "xtask: {} tests passed; store conformance: {} on sled, {} on PostgreSQL; \
+         end-to-end on PostgreSQL: {} ({})",
+        all.passed + on_postgres.passed,
+        all.sled_conformance,
+        all.postgres_conformance,
+        on_postgres.passed,
+        POSTGRES_END_TO_END.join(", "),
+    );
+    Ok(())
 }
 
 /// Builds the binaries and runs `scripts/walkthrough.sh` in a scratch dir

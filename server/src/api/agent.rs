@@ -58,6 +58,24 @@ fn outbound(message: Outbound) -> Result<pb::ConnectResponse, Status> {
     })
 }
 
+impl AgentApi {
+    /// The interceptor checked the certificate itself; whether it is still
+    /// one of the device's is a store lookup, made here before anything else.
+    async fn refuse_revoked(&self, device: &identity::DeviceIdentity) -> Result<(), Status> {
+        if self
+            .app
+            .device_certificate_valid(&device.device_id, &device.serial)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "the device certificate is revoked; enroll again",
+            ))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     async fn renew_certificate(
@@ -65,6 +83,7 @@ impl AgentService for AgentApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         let device = identity::device(&request)?;
+        self.refuse_revoked(&device).await?;
         let certificate = self
             .app
             .renew_device_certificate(&device.device_id, &request.into_inner().csr_pem)
@@ -81,6 +100,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
         let device = identity::device(&request)?;
+        self.refuse_revoked(&device).await?;
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {

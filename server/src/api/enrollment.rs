@@ -45,9 +45,15 @@ impl EnrollmentService for EnrollmentApi {
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         // A client may prove it is an enrolled device (to re-enroll it in
         // place) by presenting that device's current certificate.
-        let proven_device = crate::identity::leaf_certificate(&request)
-            .and_then(|leaf| self.devices.authenticate_der(&leaf).ok())
-            .map(|device| device.device_id);
+        let proven_device = match crate::identity::leaf_certificate(&request) {
+            Some(leaf) => self
+                .devices
+                .authenticate_der(&leaf)
+                .await
+                .ok()
+                .map(|device| device.device_id),
+            None => None,
+        };
         let request = request.into_inner();
         // Moved into a zeroizing buffer at once; the proto string is dropped with the request.
         let company_passcode = Zeroizing::new(request.company_passcode);
