@@ -8,4 +8,5 @@ pub mod crypto;
 pub mod fsutil;
 pub mod model;
 pub mod rules;
+pub mod snapshot;
 pub mod store;

@@ -16,6 +16,7 @@ pub mod devices;
 pub mod error;
 pub mod identity;
 pub mod live;
+pub mod migrate;
 pub mod notify;
 pub mod pki;
 pub mod reset;

@@ -27,6 +27,9 @@ use crate::model::{
 };
 use mdm_core::store::{Enrolled, FailedAttempt, NewCommand, Page, Queued, UsersInserted};
 
+/// [`Storage::export`]: every record, for a move to another backend.
+mod export;
+
 /// Bumped whenever the layout of keys or values changes incompatibly.
 /// 2: commands not final yet are found from the action records; the
 /// `device_queue` and `action_expiry` trees of version 1 are emptied.

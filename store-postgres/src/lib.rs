@@ -13,6 +13,7 @@ mod commands;
 mod config;
 mod db;
 mod devices;
+mod import;
 mod outbox;
 mod schema;
 mod sites;
@@ -24,7 +25,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use mdm_core::store::{Store, StoreResult};
 
 pub use config::{PgConfig, check_config, url_has_password};
-pub use schema::SCHEMA_VERSION;
+pub use import::ImportError;
+pub use schema::{SCHEMA_VERSION, TABLES};
 
 use db::{Fail, R};
 

@@ -86,6 +86,20 @@ CREATE INDEX outbox_by_site ON outbox (site_id, notification_id);
 CREATE INDEX outbox_pending ON outbox (notification_id) WHERE state = 'Pending';
 "#];
 
+/// Every table of records (all but `mdm_schema_migrations`): what an
+/// import fills and finds empty first. A migration that adds a table adds
+/// it here (a test compares this with the database's tables).
+pub const TABLES: [&str; 8] = [
+    "sites",
+    "users",
+    "passcodes",
+    "devices",
+    "actions",
+    "audit",
+    "alerts",
+    "outbox",
+];
+
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 

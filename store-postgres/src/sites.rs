@@ -20,7 +20,7 @@ use crate::db::{
 /// inserting a site's users (the second is a hash of the site id).
 const USERS_LOCK: i32 = 0x6d64_7501;
 
-fn passcode_hash(record: &CompanyPasscodeRecord) -> R<Vec<u8>> {
+pub(crate) fn passcode_hash(record: &CompanyPasscodeRecord) -> R<Vec<u8>> {
     hex::decode(&record.hash).map_err(|e| {
         Fail::Store(StoreError::Corrupt(format!(
             "the passcode hash of site {} is not hex: {e}",
