@@ -42,6 +42,11 @@ pub enum Command {
     /// Manage admin credentials; works whether or not the server is running.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Copy this data dir's embedded database into an empty PostgreSQL
+    /// database, then check the counts; serve with --database-url after.
+    /// The data dir keeps the CA, the server secret and the admin registry,
+    /// which a PostgreSQL deployment still uses. Stop the server first.
+    Migrate(MigrateArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -133,6 +138,46 @@ pub struct ServeArgs {
     /// are refused [default: 100000].
     #[arg(long, env = "MDM_MAX_USERS_PER_SITE", value_parser = clap::value_parser!(u32).range(1..=100_000_000), value_name = "N")]
     pub max_users_per_site: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The data dir whose database is copied [default: --data-dir, else ./mdm-data].
+    #[arg(long, value_name = "DIR")]
+    pub from_data_dir: Option<PathBuf>,
+    /// The empty PostgreSQL database to copy into, e.g. postgres://mdm@db/mdm;
+    /// the password in MDM_DATABASE_PASSWORD.
+    #[arg(long, env = "MDM_DATABASE_URL", value_name = "URL")]
+    pub to: String,
+    /// PEM CA certificate(s) the database's TLS certificate must chain to.
+    #[arg(long, env = "MDM_DATABASE_CA_FILE", value_name = "FILE")]
+    pub database_ca_file: Option<PathBuf>,
+}
+
+impl MigrateArgs {
+    /// The target's settings, with the same rules as `serve --database-url`.
+    pub fn target(&self) -> Result<mdm_store_postgres::PgConfig, ConfigError> {
+        let from_environment = std::env::var("MDM_DATABASE_URL").ok();
+        if from_environment.as_deref() != Some(self.to.as_str())
+            && mdm_store_postgres::url_has_password(&self.to)
+        {
+            return Err(ConfigError(
+                "--to must not contain a password (process lists show it); put it in MDM_DATABASE_PASSWORD, or the URL in MDM_DATABASE_URL".into(),
+            ));
+        }
+        let mut database = mdm_store_postgres::PgConfig::new(self.to.clone());
+        database.password = database_password();
+        database.ca_file = self.database_ca_file.clone();
+        mdm_store_postgres::check_config(&database).map_err(|e| ConfigError(e.to_string()))?;
+        Ok(database)
+    }
+}
+
+fn database_password() -> Option<Zeroizing<String>> {
+    std::env::var("MDM_DATABASE_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Zeroizing::new)
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,10 +435,7 @@ fn database_config(
         ));
     }
     let mut database = mdm_store_postgres::PgConfig::new(url);
-    database.password = std::env::var("MDM_DATABASE_PASSWORD")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(Zeroizing::new);
+    database.password = database_password();
     database.ca_file = args.database_ca_file.clone().or(file_ca);
     mdm_store_postgres::check_config(&database).map_err(|e| ConfigError(e.to_string()))?;
     Ok(Some(database))

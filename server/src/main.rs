@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             init_tracing(config.log_format);
             serve(config)
         }
+        Command::Migrate(args) => migrate(cli.data_dir, &args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -108,6 +109,58 @@ fn serve(config: mdm_server::Config) -> ExitCode {
             }
         }
     })
+}
+
+fn migrate(data_dir: Option<std::path::PathBuf>, args: &config::MigrateArgs) -> ExitCode {
+    let from = args
+        .from_data_dir
+        .clone()
+        .or(data_dir)
+        .unwrap_or_else(|| config::DEFAULT_DATA_DIR.into());
+    let target = match args.target() {
+        Ok(target) => target,
+        Err(error) => {
+            eprintln!("mdm-server: {error}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    // A one-shot command answers in one line; its log only when asked for.
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_tracing(LogFormat::Human);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("mdm-server: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(mdm_server::migrate::migrate(&from, target)) {
+        Ok(report) => {
+            println!("{report}");
+            println!(
+                "Next: mdm-server serve --data-dir {} with MDM_DATABASE_URL set to the same database.",
+                from.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("mdm-server: {error}");
+            if matches!(
+                error,
+                mdm_server::migrate::MigrateError::NotADataDir { .. }
+                    | mdm_server::migrate::MigrateError::Connect(
+                        mdm_store_postgres::PgOpenError::BadUrl(_)
+                            | mdm_store_postgres::PgOpenError::BadCaFile { .. }
+                            | mdm_store_postgres::PgOpenError::Refused { .. }
+                    )
+            ) {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }
 
 fn print_first_start(

@@ -697,6 +697,12 @@ impl Storage {
             None as Option<&[u8]>,
             Some(encode(site)),
         )?;
+        if swapped.is_ok() && site.webhook.is_some() {
+            self.webhook_sites
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(site.site_id.clone());
+        }
         Ok(swapped.is_ok())
     }
 

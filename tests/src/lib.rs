@@ -363,8 +363,14 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `mdm-server serve` on `data_dir` and waits until it listens.
     pub async fn start(data_dir: &Path, port: u16) -> Self {
+        let database = store_database_for(data_dir).await;
+        Self::start_on(data_dir, port, database).await
+    }
+
+    /// [`start`](Self::start) on this PostgreSQL database (None: the embedded one).
+    pub async fn start_on(data_dir: &Path, port: u16, database_url: Option<String>) -> Self {
         let mut command = tokio::process::Command::new(server_bin());
-        if let Some(url) = store_database_for(data_dir).await {
+        if let Some(url) = database_url {
             command.env("MDM_DATABASE_URL", url);
         }
         let child = command
@@ -812,6 +818,31 @@ pub fn test_database_url() -> Option<String> {
     }
 }
 
+/// A new empty database named `name` on the suite's PostgreSQL; its URL.
+pub async fn create_database(base_url: &str, name: &str) -> String {
+    let config: tokio_postgres::Config = base_url.parse().unwrap();
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = connection.await;
+    database_url(base_url, name)
+}
+
+/// `base_url` with its database replaced by `name`.
+fn database_url(base_url: &str, name: &str) -> String {
+    let (prefix, query) = base_url.split_once('?').unwrap_or((base_url, ""));
+    let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    }
+}
+
 /// Whether the end-to-end tests run on PostgreSQL (`MDM_TEST_STORE=postgres`,
 /// which `cargo xtask test` sets for its second pass) instead of the
 /// embedded store.
@@ -845,13 +876,7 @@ pub async fn store_database_for(data_dir: &Path) -> Option<String> {
     }
     drop(client);
     let _ = connection.await;
-    let (prefix, query) = base.split_once('?').unwrap_or((&base, ""));
-    let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
-    let mut url = format!("{server}/{name}");
-    if !query.is_empty() {
-        url = format!("{url}?{query}");
-    }
-    Some(url)
+    Some(database_url(&base, &name))
 }
 
 /// One wrong company passcode given with `email`, refused as
@@ -872,4 +897,122 @@ pub async fn wrong_passcode(server: &TestServer, email: &str) {
             .await
             .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}
+
+/// A PostgreSQL cluster of one test's own, which it may stop and start
+/// (the suite's shared one must keep running for the others). Built from
+/// the binaries `cargo xtask test` found (`MDM_TEST_POSTGRES_BINDIR`), run
+/// as `nobody` when the tests run as root, on loopback, trust auth.
+pub struct PrivatePostgres {
+    bindir: PathBuf,
+    root: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// None (with a note, or a panic under `CI=true`) without the binaries.
+    pub fn start() -> Option<Self> {
+        let Some(bindir) = std::env::var_os("MDM_TEST_POSTGRES_BINDIR").map(PathBuf::from) else {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true but MDM_TEST_POSTGRES_BINDIR is not set: run the suite with `cargo xtask test`");
+            }
+            eprintln!("skipped: no PostgreSQL binaries (MDM_TEST_POSTGRES_BINDIR)");
+            return None;
+        };
+        let root = std::env::temp_dir().join(format!(
+            "mdm-private-postgres-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let cluster = Self {
+            bindir,
+            root,
+            port: free_port(),
+        };
+        if is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(&cluster.root)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let initdb = cluster
+            .as_owner("initdb")
+            .arg("-D")
+            .arg(cluster.root.join("data"))
+            .args(["-U", "mdm", "-E", "UTF8", "--auth=trust"])
+            .output()
+            .unwrap();
+        assert!(initdb.status.success(), "initdb: {initdb:?}");
+        cluster.resume();
+        Some(cluster)
+    }
+
+    fn as_owner(&self, program: &str) -> std::process::Command {
+        let binary = self.bindir.join(program);
+        if is_root() {
+            let mut command = std::process::Command::new("setpriv");
+            command
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(binary);
+            command
+        } else {
+            std::process::Command::new(binary)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://mdm@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts (again), waiting until it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            self.port,
+            self.root.display()
+        );
+        let started = self
+            .as_owner("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D"])
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(self.root.join("log"))
+            .arg("-o")
+            .arg(options)
+            .output()
+            .unwrap();
+        assert!(started.status.success(), "pg_ctl start: {started:?}");
+    }
+
+    /// Stops it (fast: open sessions are cut, as in a crash of the clients' view).
+    pub fn stop(&self) {
+        let stopped = self
+            .as_owner("pg_ctl")
+            .args(["stop", "-w", "-m", "fast", "-D"])
+            .arg(self.root.join("data"))
+            .output()
+            .unwrap();
+        assert!(stopped.status.success(), "pg_ctl stop: {stopped:?}");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.root.join("data"))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }

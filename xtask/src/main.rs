@@ -185,6 +185,9 @@ fn test(extra: &[String]) -> Result<()> {
         let mut command = cargo();
         if let Some(database) = database {
             command.env("MDM_TEST_DATABASE_URL", &database.url);
+            if let Some(bindir) = &database.bindir {
+                command.env("MDM_TEST_POSTGRES_BINDIR", bindir);
+            }
         }
         command
             .env("MDM_GRPCURL", &tools.grpcurl)

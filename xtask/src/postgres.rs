@@ -25,6 +25,8 @@ const NOBODY: u32 = 65534;
 pub struct TestDatabase {
     pub url: String,
     pub origin: String,
+    /// The server binaries, for tests that run a cluster of their own.
+    pub bindir: Option<PathBuf>,
     cluster: Option<Cluster>,
 }
 
@@ -54,6 +56,7 @@ pub fn provision(tools: &Path) -> Result<TestDatabase> {
         return Ok(TestDatabase {
             url,
             origin: "MDM_TEST_DATABASE_URL".into(),
+            bindir: std::env::var_os("MDM_TEST_POSTGRES_BINDIR").map(PathBuf::from),
             cluster: None,
         });
     }
@@ -204,6 +207,7 @@ fn start(bindir: PathBuf, origin: String) -> Result<TestDatabase> {
     let database = TestDatabase {
         url: format!("postgres://mdm:{password}@127.0.0.1:{port}/postgres"),
         origin,
+        bindir: Some(bindir.clone()),
         cluster: Some(cluster),
     };
     let started = as_owner(&bindir.join("pg_ctl"))
