@@ -276,6 +276,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<ChaosReport> {
         log: temp.path().join("server.log"),
     };
     server.start().await?;
+    progress(began, "server started".into());
     let handle = TestServer::attach(server.port, &data_dir);
     let (site_id, passcode) = site_with_passcode(&handle, EMAIL, 10).await;
 

@@ -127,6 +127,13 @@ async fn enrolled_agent(server: &TestServer, email: &str) -> (String, TestAgent)
     })
     .await;
     child.kill().await.unwrap();
+    // Offline for the server too, so a test that starts the agent again
+    // and waits for it to be online sees the new stream, not the old one.
+    eventually("the server sees the agent go", || async {
+        let device = server.get_device(&device_id).await.device.unwrap();
+        (!device.online).then_some(())
+    })
+    .await;
     (site_id, agent)
 }
 
