@@ -1,6 +1,7 @@
 //! The store contract: what the domain asks of a backend, as operations on
 //! domain values. Every backend (embedded sled, PostgreSQL) implements
-//! [`Store`] and passes the same conformance suite.
+//! [`Store`] and passes the same conformance suite (the `mdm-store-tests`
+//! crate: a behaviour it checks is part of this contract).
 //!
 //! Guarantees every backend gives (ARCHITECTURE.md, "The store contract"):
 //! - Each operation is one unit: when it returns an error it stored nothing
@@ -12,8 +13,15 @@
 //!   rules in [`crate::rules`] see every change before theirs.
 //! - Lists are ordered (documented per list) and paged with opaque tokens a
 //!   backend made; a token it did not make is [`StoreError::BadPageToken`].
+//!   A token belongs to one list and scope: the site of a site's users,
+//!   devices, alerts or actions, the device of a device's actions, one
+//!   site's notifications or all sites'. The same list of another scope
+//!   refuses it too.
 //! - Ids are made by the domain, except action ids ([`CommandStore::new_action_id`]),
 //!   which a backend may shape to find records fast; they stay opaque strings.
+//!   Where an operation's doc says a taken id (or a record that is not
+//!   there) refuses it, the operation fails with [`StoreError::Backend`] and
+//!   stores nothing.
 
 use std::sync::Arc;
 
@@ -37,6 +45,8 @@ pub enum StoreError {
     DiskFull,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Any other failure, also an operation refused because it would
+    /// overwrite a record (a taken id) or names one that is not there.
     #[error("database error: {0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -233,7 +243,8 @@ pub enum Canceled {
 /// Sites, their users and their company passcodes.
 #[async_trait]
 pub trait SiteStore: Send + Sync + std::fmt::Debug {
-    /// Stores a new site; false when the id is taken.
+    /// Stores a new site; false when the id is taken (the stored site
+    /// stays as it was).
     async fn insert_site(&self, site: &Site) -> StoreResult<bool>;
     async fn get_site(&self, site_id: &str) -> StoreResult<Option<Site>>;
     /// Changes a site (concurrent changes of different settings do not undo
@@ -249,13 +260,17 @@ pub trait SiteStore: Send + Sync + std::fmt::Debug {
         filter: &SiteFilter,
         page: PageRequest<'_>,
     ) -> StoreResult<Page<Site>>;
-    /// Whether the site has a webhook; asked on every action change, so a
+    /// Whether the site has a webhook, as stored (also right after the
+    /// insert that gave it one); asked on every action change, so a
     /// backend answers it without a round trip when it can.
     async fn site_has_webhook(&self, site_id: &str) -> StoreResult<bool>;
 
     /// Inserts users of one site, skipping (and returning the indexes of)
-    /// those whose email the site already has; all or none, and nothing
-    /// when the site would pass `max_users`.
+    /// those whose email the site already has, or an earlier user of the
+    /// batch has (the first of them is stored); all or none, and nothing
+    /// (`OverQuota`) when the site's users and the new ones would be more
+    /// than `max_users`. A new user whose id is taken, by a stored user of
+    /// any site or an earlier new user of the batch, fails the batch.
     async fn insert_users(
         &self,
         site_id: &str,
@@ -268,7 +283,8 @@ pub trait SiteStore: Send + Sync + std::fmt::Debug {
     async fn list_users(&self, site_id: &str, page: PageRequest<'_>) -> StoreResult<Page<User>>;
     /// Removes a user; returns it, or None when there was none.
     async fn delete_user(&self, user_id: &str) -> StoreResult<Option<User>>;
-    /// Ids of the sites that have a user with this (lower-case) email.
+    /// Ids of the sites that have a user with this (lower-case) email, in
+    /// id order.
     async fn sites_of_email(&self, email: &str) -> StoreResult<Vec<String>>;
 
     async fn get_passcode(&self, site_id: &str) -> StoreResult<Option<CompanyPasscodeRecord>>;
@@ -302,6 +318,11 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
     /// active device of the same site and serial number is then replaced by
     /// the new one (`device.replaces_device_id` is set). A serial number
     /// alone proves nothing: an active device claiming it stays enrolled.
+    /// Otherwise the new device is checked against every active device of
+    /// its site with its serial number (a blank one matches none), and
+    /// `AlongsideSameSerial` names the one of them enrolled last (by
+    /// `enrolled_at`, then id). A device id that is taken (by a device of any
+    /// site) fails the operation: nothing stored, replaced or counted.
     async fn enroll_device(
         &self,
         device: &mut Device,
@@ -309,6 +330,8 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Enrolled>;
     async fn get_device(&self, device_id: &str) -> StoreResult<Option<Arc<Device>>>;
     /// Changes a device; the device after, or None when there is none.
+    /// A change keeps the device's id, site and serial number (what
+    /// enrollment checked; a backend may index them).
     async fn update_device(
         &self,
         device_id: &str,
@@ -336,11 +359,14 @@ pub trait DeviceStore: Send + Sync + std::fmt::Debug {
 /// Commands and the action log.
 #[async_trait]
 pub trait CommandStore: Send + Sync + std::fmt::Debug {
-    /// A new action id for a record of `site_id`.
+    /// A new action id for a record of `site_id`; later calls make ids that
+    /// sort after (the action log's order).
     fn new_action_id(&self, site_id: &str) -> String;
     /// Queues a command: supersedes older ones ([`crate::rules::plan_queue`]),
     /// stores the command, its notifications and the device's latest reset,
-    /// as one unit.
+    /// as one unit. A command for a device that is not stored, or with a
+    /// notification whose id is taken (or repeated in it), fails and stores
+    /// nothing.
     async fn queue_command(&self, command: NewCommand) -> StoreResult<Queued>;
     /// Stores an action that is final already (an unenroll).
     async fn record_action(&self, action: &Action) -> StoreResult<()>;
@@ -362,12 +388,14 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
         now: Millis,
     ) -> StoreResult<Reported>;
     async fn cancel_action(&self, action_id: &str, by: &str, now: Millis) -> StoreResult<Canceled>;
-    /// Expires every queued command whose time ran out; those it expired.
+    /// Expires every queued command whose time ran out, `expires_at <= now`
+    /// ([`crate::rules::expire`]), each once also when sweeps run at the same
+    /// time; those it expired, in no particular order.
     async fn expire_due(&self, now: Millis) -> StoreResult<Vec<Action>>;
     /// The device's commands not final yet, oldest first.
     async fn queued_actions(&self, device_id: &str) -> StoreResult<Vec<Action>>;
     async fn get_action(&self, action_id: &str) -> StoreResult<Option<Action>>;
-    /// Actions newest first.
+    /// Actions newest first: in reverse order of their ids.
     async fn list_actions(
         &self,
         filter: &ActionFilter,

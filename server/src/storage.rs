@@ -35,7 +35,11 @@ mod export;
 /// `device_queue` and `action_expiry` trees of version 1 are emptied.
 /// 3: action records keyed by site tag and id, postcard-encoded from then
 /// on; the `actions` and `site_actions` trees of version 2 are emptied.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 4: the serial-number index lists every device enrolled with a serial
+/// (`serial_devices`, built from the device records), so the check for an
+/// active duplicate sees them all; version 3's `device_serials` (one device
+/// per serial) is emptied.
+pub const SCHEMA_VERSION: u32 = 4;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// The oldest command that was not final at the last expiry sweep.
 const OPEN_SINCE_KEY: &[u8] = b"open_commands_since";
@@ -62,6 +66,10 @@ pub enum StorageError {
     Corrupt(String),
     #[error("page_token is not one this list returned")]
     BadPageToken,
+    /// The operation would overwrite a record it must not (an id that is
+    /// taken) or refers to one that is not there; nothing was stored.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error(
         "the database at {0} is in use by another process; is another mdm-server running on this data dir?"
     )]
@@ -245,6 +253,14 @@ fn prefix(a: &str) -> Vec<u8> {
     key2(a, "")
 }
 
+/// `a \0 b \0 c`.
+fn key3(a: &str, b: &str, c: &str) -> Vec<u8> {
+    let mut key = key2(a, b);
+    key.push(0);
+    key.extend_from_slice(c.as_bytes());
+    key
+}
+
 /// The sled database and its trees.
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -275,8 +291,13 @@ pub struct Storage {
     device_cache: Arc<std::sync::RwLock<HashMap<String, Arc<Device>>>>,
     /// site_id \0 device_id -> ()
     site_devices: sled::Tree,
-    /// site_id \0 serial number -> device_id of the active record
-    device_serials: sled::Tree,
+    /// site_id \0 serial number \0 device_id -> () for every device enrolled
+    /// with a serial number (a device keeps the one it enrolled with);
+    /// readers check the device record.
+    serial_devices: sled::Tree,
+    /// Schema 3's serial index (site_id \0 serial number -> the device
+    /// enrolled last with it); emptied when opened.
+    legacy_device_serials: sled::Tree,
     /// site tag (4 bytes) ++ action id (16 bytes, time-ordered) -> Action:
     /// a site's records sit together, newest last, so listing them needs no
     /// index. New ids end with their site's tag, so an id alone is its key.
@@ -443,6 +464,7 @@ impl Storage {
         let upgrading = version != Some(SCHEMA_VERSION);
         if upgrading {
             storage.move_actions_to_site_keys()?;
+            storage.index_device_serials()?;
             storage.flush()?;
         }
         storage.load_open_commands()?;
@@ -460,6 +482,7 @@ impl Storage {
             &storage.legacy_expiry,
             &storage.legacy_actions,
             &storage.legacy_site_actions,
+            &storage.legacy_device_serials,
         ] {
             if !legacy.is_empty() {
                 legacy.clear()?;
@@ -617,7 +640,8 @@ impl Storage {
             outbox: db.open_tree("outbox")?,
             devices: db.open_tree("devices")?,
             site_devices: db.open_tree("site_devices")?,
-            device_serials: db.open_tree("device_serials")?,
+            serial_devices: db.open_tree("serial_devices")?,
+            legacy_device_serials: db.open_tree("device_serials")?,
             actions: db.open_tree("site_action_records")?,
             legacy_action_keys: db.open_tree("legacy_action_keys")?,
             legacy_actions: db.open_tree("actions")?,
@@ -692,6 +716,7 @@ impl Storage {
 
     /// Stores a new site; false when the id is taken.
     pub fn insert_site(&self, site: &Site) -> Result<bool, StorageError> {
+        let _guard = hold(&self.sites_lock);
         let swapped = self.sites.compare_and_swap(
             site.site_id.as_bytes(),
             None as Option<&[u8]>,
@@ -752,17 +777,27 @@ impl Storage {
         limit: usize,
         visible: impl Fn(&Site) -> bool,
     ) -> Result<Page<Site>, StorageError> {
-        page(&self.sites, b"", page_token, limit, false, |_, v| {
-            let site: Site = decode(v)?;
-            Ok(visible(&site).then_some(site))
-        })
+        page(
+            &self.sites,
+            b"sites\0",
+            b"",
+            page_token,
+            limit,
+            false,
+            |_, v| {
+                let site: Site = decode(v)?;
+                Ok(visible(&site).then_some(site))
+            },
+        )
     }
 
     // ---- users ----
 
     /// Inserts users of one site under the users lock, skipping (and
-    /// returning the indexes of) those whose email the site already has.
-    /// Refused, with nothing stored, when the site would pass `max_users`.
+    /// returning the indexes of) those whose email the site already has,
+    /// or an earlier user of the batch has.
+    /// Refused, with nothing stored, when the site would pass `max_users`,
+    /// and with an error when a new user's id is taken.
     /// Several users go in whole or not at all, also across a crash or a
     /// full disk: they are staged and flushed, then one key commits them
     /// (see `import_staged`).
@@ -775,12 +810,22 @@ impl Storage {
         let _guard = hold(&self.users_lock);
         let mut existing = Vec::new();
         let mut new = Vec::new();
+        let mut emails = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
         for (index, user) in users.iter().enumerate() {
-            if self.users.contains_key(key2(site_id, &user.email))? {
+            if !emails.insert(user.email.as_str())
+                || self.users.contains_key(key2(site_id, &user.email))?
+            {
                 existing.push(index);
-            } else {
-                new.push(user);
+                continue;
             }
+            if !ids.insert(user.user_id.as_str()) || self.get_user_by_id(&user.user_id)?.is_some() {
+                return Err(StorageError::Refused(format!(
+                    "user id {} is taken",
+                    user.user_id
+                )));
+            }
+            new.push(user);
         }
         let count = self.site_user_count(site_id)?;
         if count.saturating_add(new.len()) > max_users {
@@ -941,6 +986,7 @@ impl Storage {
     ) -> Result<Page<User>, StorageError> {
         page(
             &self.users,
+            b"users\0",
             &prefix(site_id),
             page_token,
             limit,
@@ -1119,61 +1165,118 @@ impl Storage {
     /// Stores a newly enrolled device. `proven` is the device the enrolling
     /// client proved to be (by its current certificate): an active device of
     /// the same site with the same serial number is marked replaced by the
-    /// new one. A serial number alone
-    /// proves nothing, so an active device claiming it stays enrolled.
+    /// new one. A serial number alone proves nothing, so an active device
+    /// claiming it stays enrolled; the one of them enrolled last is named.
+    /// A device id that is taken is refused, storing nothing.
     pub fn enroll_device(
         &self,
         device: &mut Device,
         proven: Option<&str>,
     ) -> Result<Enrolled, StorageError> {
         let _guard = hold(&self.devices_lock);
-        let serial_key = key2(&device.site_id, &device.facts.serial_number);
+        if self.get_device(&device.device_id)?.is_some() {
+            return Err(StorageError::Refused(format!(
+                "device id {} is taken",
+                device.device_id
+            )));
+        }
+        let serial = device.facts.serial_number.clone();
+        // Index entries first: the device record is the commit point.
+        let write_indexes = |device: &Device| -> Result<(), StorageError> {
+            self.site_devices
+                .insert(key2(&device.site_id, &device.device_id), &[])?;
+            if !serial.is_empty() {
+                self.serial_devices
+                    .insert(key3(&device.site_id, &serial, &device.device_id), &[])?;
+            }
+            Ok(())
+        };
         if let Some(old_id) = proven {
             let _old_guard = hold_stripe(&self.device_locks, old_id);
             if let Some(mut old) = self.load_device(old_id)?.map(Arc::unwrap_or_clone)
                 && old.status == DeviceStatus::Active
                 && old.site_id == device.site_id
-                && old.facts.serial_number == device.facts.serial_number
+                && old.facts.serial_number == serial
             {
                 old.status = DeviceStatus::Replaced;
                 old.replaced_by_device_id = Some(device.device_id.clone());
                 device.replaces_device_id = Some(old_id.to_owned());
-                self.site_devices
-                    .insert(key2(&device.site_id, &device.device_id), &[])?;
+                write_indexes(device)?;
                 self.put_device(device)?;
                 // The old record changes only once the new one exists.
                 self.put_device(&old)?;
-                if !device.facts.serial_number.is_empty() {
-                    self.device_serials
-                        .insert(serial_key, device.device_id.as_bytes())?;
-                }
                 return Ok(Enrolled::Replacing(old_id.to_owned()));
             }
         }
-        let mut duplicate_of = None;
-        if !device.facts.serial_number.is_empty()
-            && let Some(other_id) = self.device_serials.get(&serial_key)?
-        {
-            let other_id = String::from_utf8_lossy(&other_id).into_owned();
-            let _other_guard = hold_stripe(&self.device_locks, &other_id);
-            if self
-                .load_device(&other_id)?
-                .is_some_and(|other| other.status == DeviceStatus::Active)
-            {
-                duplicate_of = Some(other_id);
-            }
-        }
-        self.site_devices
-            .insert(key2(&device.site_id, &device.device_id), &[])?;
+        let duplicate_of = if serial.is_empty() {
+            None
+        } else {
+            self.active_device_with_serial(&device.site_id, &serial)?
+        };
+        write_indexes(device)?;
         self.put_device(device)?;
-        if !device.facts.serial_number.is_empty() {
-            self.device_serials
-                .insert(serial_key, device.device_id.as_bytes())?;
-        }
         Ok(match duplicate_of {
             Some(other) => Enrolled::AlongsideSameSerial(other),
             None => Enrolled::New,
         })
+    }
+
+    /// The active device of the site with this serial number that enrolled
+    /// last (by `enrolled_at`, then id), if any. Callers hold the devices lock.
+    fn active_device_with_serial(
+        &self,
+        site_id: &str,
+        serial: &str,
+    ) -> Result<Option<String>, StorageError> {
+        let prefix = key3(site_id, serial, "");
+        let mut last: Option<(Millis, String)> = None;
+        for key in self.serial_devices.scan_prefix(&prefix).keys() {
+            let key = key?;
+            let device_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let device = {
+                let _stripe = hold_stripe(&self.device_locks, &device_id);
+                self.load_device(&device_id)?
+            };
+            // A serial with a NUL can share a prefix with another: the
+            // record decides.
+            if let Some(device) = device
+                && device.status == DeviceStatus::Active
+                && device.site_id == site_id
+                && device.facts.serial_number == serial
+            {
+                let candidate = (device.enrolled_at, device_id);
+                if last.as_ref().is_none_or(|last| candidate > *last) {
+                    last = Some(candidate);
+                }
+            }
+        }
+        Ok(last.map(|(_, device_id)| device_id))
+    }
+
+    /// Schema 4 lists every device enrolled with a serial number: built
+    /// once from the device records (idempotent, so a crash during the
+    /// upgrade only repeats it).
+    fn index_device_serials(&self) -> Result<(), StorageError> {
+        let mut indexed = 0usize;
+        for entry in self.devices.iter() {
+            let (_, value) = entry?;
+            let device: Device = decode(&value)?;
+            if !device.facts.serial_number.is_empty() {
+                self.serial_devices.insert(
+                    key3(
+                        &device.site_id,
+                        &device.facts.serial_number,
+                        &device.device_id,
+                    ),
+                    &[],
+                )?;
+                indexed += 1;
+            }
+        }
+        if indexed > 0 {
+            tracing::info!(indexed, "device serial numbers indexed");
+        }
+        Ok(())
     }
 
     /// Stores a security alert and the notifications it sends.
@@ -1265,6 +1368,7 @@ impl Storage {
         let prefix = prefix(site_id);
         page(
             &self.site_devices,
+            b"devices\0",
             &prefix,
             page_token,
             limit,
@@ -1345,6 +1449,8 @@ impl Storage {
     /// exist) and taken back when it cannot be written; superseded commands
     /// are marked after it, so a crash in between leaves an older command
     /// queued too, never a canceled one without the command that replaced it.
+    /// A command for a device that is not stored, or with an email whose id
+    /// is taken, is refused before anything is written.
     pub fn store_command(&self, command: NewCommand) -> Result<Queued, StorageError> {
         let NewCommand {
             mut action,
@@ -1355,6 +1461,20 @@ impl Storage {
         let device_id = action.device_id.clone();
         let action_id = action.action_id.clone();
         let _guard = self.lock_device_actions(&device_id);
+        if self.get_device(&device_id)?.is_none() {
+            return Err(StorageError::Refused(format!(
+                "a command for device {device_id}, which is not stored"
+            )));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for notification in &notifications {
+            let id = notification.notification_id.as_str();
+            if !ids.insert(id) || self.outbox.contains_key(id.as_bytes())? {
+                return Err(StorageError::Refused(format!(
+                    "notification id {id} is taken"
+                )));
+            }
+        }
         let mut previous = None;
         let mut reset_written = false;
         let written = (|| {
@@ -1453,13 +1573,15 @@ impl Storage {
         Ok(actions)
     }
 
-    /// Ids of commands not yet final whose expiry is before `now`.
+    /// Ids of commands not yet final whose expiry is at or before `now`
+    /// (as [`mdm_core::rules::expire`] decides).
     pub fn expired_action_ids(&self, now: Millis) -> Vec<String> {
-        self.open_commands()
-            .by_expiry
-            .range(..(now, String::new()))
-            .map(|(_, id)| id.clone())
-            .collect()
+        let open = self.open_commands();
+        let due: Box<dyn Iterator<Item = &(Millis, String)>> = match now.checked_add(1) {
+            Some(after) => Box::new(open.by_expiry.range(..(after, String::new()))),
+            None => Box::new(open.by_expiry.iter()),
+        };
+        due.map(|(_, id)| id.clone()).collect()
     }
 
     pub fn get_action(&self, action_id: &str) -> Result<Option<Action>, StorageError> {
@@ -1513,6 +1635,7 @@ impl Storage {
             // Another site may share the tag; its records are skipped.
             return page(
                 &self.actions,
+                b"actions\0",
                 &site_tag(site_id),
                 page_token,
                 limit,
@@ -1526,6 +1649,7 @@ impl Storage {
         let prefix = prefix(device_id);
         page(
             &self.device_actions,
+            &key3("device actions", site_id, ""),
             &prefix,
             page_token,
             limit,
@@ -1640,6 +1764,7 @@ impl Storage {
     ) -> Result<Page<Alert>, StorageError> {
         page(
             &self.alerts,
+            b"alerts\0",
             &prefix(site_id),
             page_token,
             limit,
@@ -1656,12 +1781,25 @@ impl Storage {
         page_token: &str,
         limit: usize,
     ) -> Result<Page<Notification>, StorageError> {
-        page(&self.outbox, b"", page_token, limit, false, |_, v| {
-            let n: Notification = decode(v)?;
-            let keep =
-                site_id.is_none_or(|s| n.site_id == s) && state.is_none_or(|st| n.state == st);
-            Ok(keep.then_some(n))
-        })
+        // A token of one site's list is not one of all sites'.
+        let list = match site_id {
+            Some(site_id) => key3("notifications", &format!("={site_id}"), ""),
+            None => key3("notifications", "*", ""),
+        };
+        page(
+            &self.outbox,
+            &list,
+            b"",
+            page_token,
+            limit,
+            false,
+            |_, v| {
+                let n: Notification = decode(v)?;
+                let keep =
+                    site_id.is_none_or(|s| n.site_id == s) && state.is_none_or(|st| n.state == st);
+                Ok(keep.then_some(n))
+            },
+        )
     }
 
     #[cfg(test)]
@@ -1687,10 +1825,14 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// Reads one page of `tree` under `prefix`, after the key in `page_token`
-/// (hex), in key order or reversed. `keep` decodes an entry and may skip it.
+/// Reads one page of `tree` under `prefix`, after the key in `page_token`,
+/// in key order or reversed. `keep` decodes an entry and may skip it. A
+/// token is the hex of `list` (the name and scope of the listing) and the
+/// last key given: a token of another listing is a [`StorageError::BadPageToken`]
+/// even where its key would fit.
 fn page<T>(
     tree: &sled::Tree,
+    list: &[u8],
     prefix: &[u8],
     page_token: &str,
     limit: usize,
@@ -1701,11 +1843,12 @@ fn page<T>(
     let after = if page_token.is_empty() {
         None
     } else {
-        let key = hex::decode(page_token).map_err(|_| StorageError::BadPageToken)?;
-        if !key.starts_with(prefix) {
-            return Err(StorageError::BadPageToken);
-        }
-        Some(key)
+        let token = hex::decode(page_token).map_err(|_| StorageError::BadPageToken)?;
+        let key = token
+            .strip_prefix(list)
+            .filter(|key| key.starts_with(prefix))
+            .ok_or(StorageError::BadPageToken)?;
+        Some(key.to_vec())
     };
     let upper_bound = prefix_successor(prefix).map_or(Bound::Unbounded, Bound::Excluded);
     let range: (Bound<Vec<u8>>, Bound<Vec<u8>>) = match (&after, newest_first) {
@@ -1737,7 +1880,7 @@ fn page<T>(
         }
     }
     let next_page_token = match (has_more, last_key) {
-        (true, Some(key)) => hex::encode(key),
+        (true, Some(key)) => hex::encode([list, key.as_ref()].concat()),
         _ => String::new(),
     };
     Ok(Page {
@@ -2045,6 +2188,52 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_3_database_indexes_every_device_of_a_serial_number() {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let path = temp.path().join("db");
+        let storage = Storage::create(&path).expect("create");
+        let mut first = test_device("dv_1", "S7");
+        let mut second = test_device("dv_2", "S7");
+        let mut blank = test_device("dv_3", "");
+        storage.enroll_device(&mut first, None).expect("enroll");
+        storage.enroll_device(&mut second, None).expect("enroll");
+        storage.enroll_device(&mut blank, None).expect("enroll");
+        // Schema 3 kept one device per serial: the one enrolled last.
+        storage.serial_devices.clear().expect("clear");
+        storage
+            .legacy_device_serials
+            .insert(key2("st_1", "S7"), b"dv_2".as_slice())
+            .expect("legacy index");
+        storage.set_schema_version_for_test(3).expect("version");
+        storage.flush().expect("flush");
+        drop(storage);
+
+        let storage = Storage::open(&path).expect("upgraded");
+        assert!(storage.legacy_device_serials.is_empty());
+        assert_eq!(storage.serial_devices.len(), 2);
+        storage
+            .update_device("dv_2", |d| {
+                d.status = DeviceStatus::Unenrolled;
+                true
+            })
+            .expect("unenroll");
+        let mut third = test_device("dv_4", "S7");
+        assert_eq!(
+            storage.enroll_device(&mut third, None).expect("enroll"),
+            Enrolled::AlongsideSameSerial("dv_1".into())
+        );
+        drop(storage);
+        let storage = Storage::open(&path).expect("reopen");
+        let version = storage
+            .meta
+            .get(SCHEMA_KEY)
+            .expect("read")
+            .expect("version");
+        assert_eq!(version.as_ref(), SCHEMA_VERSION.to_be_bytes().as_slice());
+        assert_eq!(storage.serial_devices.len(), 3);
+    }
+
+    #[test]
     fn a_device_read_after_a_change_is_the_changed_one_and_survives_a_reopen() {
         let temp = tempfile::tempdir().expect("temp dir");
         let path = temp.path().join("db");
@@ -2249,9 +2438,15 @@ mod tests {
             let mut values = Vec::new();
             let mut token = String::new();
             loop {
-                let page = page(&storage.actions, tag, &token, 2, newest_first, |_, v| {
-                    Ok(Some(v.to_vec()))
-                })
+                let page = page(
+                    &storage.actions,
+                    b"test\0",
+                    tag,
+                    &token,
+                    2,
+                    newest_first,
+                    |_, v| Ok(Some(v.to_vec())),
+                )
                 .expect("page");
                 values.extend(page.items);
                 if page.next_page_token.is_empty() {

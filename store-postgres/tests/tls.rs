@@ -7,9 +7,10 @@
 
 mod common;
 
-use common::{TestDb, site};
+use common::TestDb;
 use mdm_core::store::{SiteStore, Store};
 use mdm_store_postgres::{PgConfig, PgOpenError, PgStore};
+use mdm_store_tests::fixtures::site;
 
 fn tls_server() -> Option<(String, String)> {
     match (
