@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{TestDb, device, notification, passcode, site, user};
+use common::TestDb;
 use mdm_core::model::{
     Action, ActionStatus, ActionType, Alert, AlertKind, AuditEntry, CommandPayload, Device,
     DeviceStatus, LatestReset, Millis, Notification, NotificationState, PASSCODE_PLACEHOLDER,
@@ -28,6 +28,7 @@ use mdm_core::store::{
 use mdm_server::migrate::{MigrateError, MigrationReport, migrate};
 use mdm_server::storage::Storage;
 use mdm_store_postgres::PgConfig;
+use mdm_store_tests::fixtures::{device, notification, passcode, site, user};
 
 const ADMIN: &str = "admin@example.com";
 const HASH_A: [u8; 32] = [0xA1; 32];

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{TestDb, device, notification, passcode, site, user};
+use common::TestDb;
 use mdm_core::model::{
     Action, ActionStatus, ActionType, Alert, AlertKind, AuditEntry, CommandPayload,
     NotificationState, Platform, Webhook, now_millis, time_ordered_id,
@@ -16,6 +16,7 @@ use mdm_core::store::{
     CommandStore, DeviceStore, OutboxStore, PageRequest, SiteStore, Store, UsersInserted,
 };
 use mdm_store_postgres::{ImportError, TABLES};
+use mdm_store_tests::fixtures::{device, notification, passcode, site, user};
 
 /// An action id as the sled backend makes them: a UUID v7 whose last four
 /// bytes are a tag of the site.

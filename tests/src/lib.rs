@@ -914,7 +914,9 @@ impl PrivatePostgres {
     pub fn start() -> Option<Self> {
         let Some(bindir) = std::env::var_os("MDM_TEST_POSTGRES_BINDIR").map(PathBuf::from) else {
             if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true but MDM_TEST_POSTGRES_BINDIR is not set: run the suite with `cargo xtask test`");
+                panic!(
+                    "CI=true but MDM_TEST_POSTGRES_BINDIR is not set: run the suite with `cargo xtask test`"
+                );
             }
             eprintln!("skipped: no PostgreSQL binaries (MDM_TEST_POSTGRES_BINDIR)");
             return None;

@@ -103,7 +103,10 @@ async fn a_sled_deployment_migrated_to_postgresql_keeps_its_agents_and_its_log()
         "{stdout} {}",
         String::from_utf8_lossy(&migrated.stderr)
     );
-    assert!(stdout.contains("1 devices") || stdout.contains("1 device"), "{stdout}");
+    assert!(
+        stdout.contains("1 devices") || stdout.contains("1 device"),
+        "{stdout}"
+    );
 
     let _process = ServerProcess::start_on(&data_dir, port, Some(url.clone())).await;
     let mut child = agent.run();
@@ -183,7 +186,11 @@ async fn a_database_down_at_start_is_waited_for_and_a_bad_url_is_a_usage_error()
     assert!(stderr.contains("postgres://"), "{stderr}");
 
     let in_argv = std::process::Command::new(server_bin())
-        .args(["serve", "--database-url", "postgres://mdm:hunter2@127.0.0.1/mdm"])
+        .args([
+            "serve",
+            "--database-url",
+            "postgres://mdm:hunter2@127.0.0.1/mdm",
+        ])
         .output()
         .unwrap();
     assert_eq!(in_argv.status.code(), Some(64));
