@@ -415,7 +415,8 @@ pub trait CommandStore: Send + Sync + std::fmt::Debug {
 pub trait OutboxStore: Send + Sync + std::fmt::Debug {
     /// Stores a security alert and the notifications it sends.
     async fn put_alert(&self, alert: &Alert, notifications: &[Notification]) -> StoreResult<()>;
-    /// Stores a notification (new, or its delivery state changed).
+    /// Stores a notification (new, or its delivery state changed). Durable soon: a
+    /// webhook event or a delivery state lost in a crash is sent again (at least once).
     async fn put_notification(&self, notification: &Notification) -> StoreResult<()>;
     /// Notifications still to deliver, oldest first.
     async fn pending_notifications(&self) -> StoreResult<Vec<Notification>>;
