@@ -433,8 +433,7 @@ impl FailedAttempts {
         if start && matches!(*queue, Queue::NotStarted) {
             let (tx, rx) = mpsc::channel(FAILURE_QUEUE_CAPACITY);
             let counter = self.counter.clone();
-            let runtime = tokio::runtime::Handle::current();
-            let task = tokio::task::spawn_blocking(move || Self::run(&runtime, counter, rx));
+            let task = tokio::spawn(Self::run(counter, rx));
             *queue = Queue::Running(tx, task);
         }
         match &*queue {
@@ -443,17 +442,15 @@ impl FailedAttempts {
         }
     }
 
-    /// The counting loop, on a thread of its own: its storage work never
-    /// holds up a runtime thread that is answering someone. A batch of
-    /// failures is one call to the store (one flush or transaction).
-    fn run(
-        runtime: &tokio::runtime::Handle,
-        counter: FailureCounter,
-        mut jobs: mpsc::Receiver<FailureJob>,
-    ) {
-        while let Some(first) = jobs.blocking_recv() {
+    /// The counting loop, a task of its own that starts a batch only after
+    /// [`COUNT_DELAY`], so its store work does not compete with the refusal
+    /// that woke it. A batch of failures is one call to the store (one flush
+    /// or transaction). It is a task, not a thread blocking on the runtime:
+    /// a runtime that shuts down ends it instead of waiting for it forever.
+    async fn run(counter: FailureCounter, mut jobs: mpsc::Receiver<FailureJob>) {
+        while let Some(first) = jobs.recv().await {
             if matches!(first, FailureJob::Refused { .. }) {
-                std::thread::sleep(COUNT_DELAY);
+                tokio::time::sleep(COUNT_DELAY).await;
             }
             let mut waiting = Vec::new();
             let mut entries = Vec::new();
@@ -464,7 +461,7 @@ impl FailedAttempts {
                     FailureJob::Refused {
                         email: Some(email),
                         source,
-                    } => match runtime.block_on(counter.entries(&email, source)) {
+                    } => match counter.entries(&email, source).await {
                         Ok(found) => entries.extend(found),
                         Err(error) => tracing::error!(%error, "counting a failed attempt failed"),
                     },
@@ -476,7 +473,7 @@ impl FailedAttempts {
                     next = jobs.try_recv().ok();
                 }
             }
-            if let Err(error) = runtime.block_on(counter.count(&entries)) {
+            if let Err(error) = counter.count(&entries).await {
                 tracing::error!(%error, "counting failed attempts failed");
             }
             for done in waiting {
