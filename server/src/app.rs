@@ -45,6 +45,7 @@ pub struct App {
     pub(crate) webhook_policy: crate::destination::Policy,
     /// Most users one site may have.
     pub(crate) max_users_per_site: usize,
+    pub(crate) webhook_presence: crate::webhook::WebhookPresence,
 }
 
 impl App {
@@ -81,6 +82,7 @@ impl App {
                 hosts: config.webhook_hosts.clone(),
             },
             max_users_per_site: config.max_users_per_site,
+            webhook_presence: Default::default(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! by its time whether the email is known.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
@@ -201,7 +202,9 @@ impl App {
             return Ok(Err(Refusal::Throttled(source)));
         }
         let email = email.trim().to_ascii_lowercase();
+        let quiet = self.failed_attempts.quiet_mark();
         let refusal = match self.check_passcode(&email, passcode).await? {
+            Ok(verified) if self.failed_attempts.quiet_since(quiet) => Ok(verified),
             Ok(_) => {
                 // One of the failures still being counted may lock this site out.
                 self.failed_attempts.settled().await;
@@ -210,19 +213,9 @@ impl App {
             refusal => refusal,
         };
         let refusal = match refusal {
-            Ok(verified) => {
-                let now = now_millis();
-                self.store
-                    .update_passcode(
-                        &verified.site.site_id,
-                        Box::new(move |record| {
-                            record.last_used_at = Some(now);
-                            true
-                        }),
-                    )
-                    .await?;
-                return Ok(Ok(verified));
-            }
+            // The enrollment that follows records the passcode's use
+            // (`enroll_device`), in its own write.
+            Ok(verified) => return Ok(Ok(verified)),
             Err(refusal) => refusal,
         };
         self.throttle.record_failure(source);
@@ -401,6 +394,10 @@ enum Queue {
 pub(crate) struct FailedAttempts {
     counter: FailureCounter,
     queue: Mutex<Queue>,
+    /// Refusals handed to the counter, and those it has counted: equal
+    /// when no count is in flight.
+    refusals_queued: AtomicU64,
+    refusals_counted: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for FailedAttempts {
@@ -424,7 +421,21 @@ impl FailedAttempts {
                 outbox_wake,
             },
             queue: Mutex::new(Queue::NotStarted),
+            refusals_queued: AtomicU64::new(0),
+            refusals_counted: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A mark when no refusal is being counted right now; see [`Self::quiet_since`].
+    fn quiet_mark(&self) -> Option<u64> {
+        let queued = self.refusals_queued.load(Ordering::SeqCst);
+        (self.refusals_counted.load(Ordering::SeqCst) == queued).then_some(queued)
+    }
+
+    /// Whether no refusal was queued since `mark` was taken: then no count
+    /// can have changed a passcode's state in between.
+    fn quiet_since(&self, mark: Option<u64>) -> bool {
+        mark.is_some_and(|queued| self.refusals_queued.load(Ordering::SeqCst) == queued)
     }
 
     /// The queue's sender; None once closed.
@@ -433,7 +444,7 @@ impl FailedAttempts {
         if start && matches!(*queue, Queue::NotStarted) {
             let (tx, rx) = mpsc::channel(FAILURE_QUEUE_CAPACITY);
             let counter = self.counter.clone();
-            let task = tokio::spawn(Self::run(counter, rx));
+            let task = tokio::spawn(Self::run(counter, rx, self.refusals_counted.clone()));
             *queue = Queue::Running(tx, task);
         }
         match &*queue {
@@ -447,7 +458,11 @@ impl FailedAttempts {
     /// that woke it. A batch of failures is one call to the store (one flush
     /// or transaction). It is a task, not a thread blocking on the runtime:
     /// a runtime that shuts down ends it instead of waiting for it forever.
-    async fn run(counter: FailureCounter, mut jobs: mpsc::Receiver<FailureJob>) {
+    async fn run(
+        counter: FailureCounter,
+        mut jobs: mpsc::Receiver<FailureJob>,
+        refusals_counted: Arc<AtomicU64>,
+    ) {
         while let Some(first) = jobs.recv().await {
             if matches!(first, FailureJob::Refused { .. }) {
                 tokio::time::sleep(COUNT_DELAY).await;
@@ -456,7 +471,11 @@ impl FailedAttempts {
             let mut entries = Vec::new();
             let mut next = Some(first);
             let mut counted = 0;
+            let mut refusals = 0;
             while let Some(job) = next.take() {
+                if matches!(job, FailureJob::Refused { .. }) {
+                    refusals += 1;
+                }
                 match job {
                     FailureJob::Refused {
                         email: Some(email),
@@ -476,6 +495,7 @@ impl FailedAttempts {
             if let Err(error) = counter.count(&entries).await {
                 tracing::error!(%error, "counting failed attempts failed");
             }
+            refusals_counted.fetch_add(refusals, Ordering::SeqCst);
             for done in waiting {
                 let _ = done.send(());
             }
@@ -487,6 +507,7 @@ impl FailedAttempts {
     async fn queue(&self, email: Option<String>, source: IpAddr) {
         match self.sender(true) {
             Some(tx) => {
+                self.refusals_queued.fetch_add(1, Ordering::SeqCst);
                 if tx
                     .send(FailureJob::Refused { email, source })
                     .await

@@ -4,6 +4,10 @@
 //! The timestamp lets receivers refuse replays. Deliveries go through the
 //! outbox like emails, with the same retries.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -126,7 +130,61 @@ pub(crate) fn notification(
     )
 }
 
+/// How long a site's having a webhook or not is remembered. Each action
+/// change asks; on a database that is a round trip per status. A webhook
+/// set or removed on this server counts at once, one set through another
+/// server sharing the database within this long.
+const WEBHOOK_PRESENCE_TTL: Duration = Duration::from_secs(1);
+
+/// Sites remembered at most; beyond, the expired ones are dropped first.
+const WEBHOOK_PRESENCE_SITES: usize = 10_000;
+
+/// Which sites have a webhook, as last read from the store.
+#[derive(Debug, Default)]
+pub(crate) struct WebhookPresence {
+    sites: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl WebhookPresence {
+    fn known(&self, site_id: &str) -> Option<bool> {
+        let sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        sites
+            .get(site_id)
+            .filter(|(_, at)| at.elapsed() < WEBHOOK_PRESENCE_TTL)
+            .map(|(has, _)| *has)
+    }
+
+    fn remember(&self, site_id: &str, has: bool) {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        if sites.len() >= WEBHOOK_PRESENCE_SITES {
+            sites.retain(|_, (_, at)| at.elapsed() < WEBHOOK_PRESENCE_TTL);
+            if sites.len() >= WEBHOOK_PRESENCE_SITES {
+                sites.clear();
+            }
+        }
+        sites.insert(site_id.to_owned(), (has, Instant::now()));
+    }
+
+    fn forget(&self, site_id: &str) {
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        sites.remove(site_id);
+    }
+}
+
 impl App {
+    async fn site_has_webhook(&self, site_id: &str) -> bool {
+        if let Some(has) = self.webhook_presence.known(site_id) {
+            return has;
+        }
+        match self.store.site_has_webhook(site_id).await {
+            Ok(has) => {
+                self.webhook_presence.remember(site_id, has);
+                has
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Sets (or with an empty url removes) the site's webhook; returns the
     /// new signing secret.
     pub async fn set_webhook(&self, site_id: &str, url: &str) -> Result<Option<Zeroizing<String>>> {
@@ -154,12 +212,13 @@ impl App {
             .ok_or_else(|| {
                 crate::error::Error::NotFound(format!("site {site_id:?} does not exist"))
             })?;
+        self.webhook_presence.forget(site_id);
         Ok(secret)
     }
 
     /// Queues an action's change for the site's webhook, if it has one.
     pub(crate) async fn queue_action_webhook(&self, action: &Action) {
-        if !matches!(self.store.site_has_webhook(&action.site_id).await, Ok(true)) {
+        if !self.site_has_webhook(&action.site_id).await {
             return;
         }
         let Ok(Some(site)) = self.store.get_site(&action.site_id).await else {

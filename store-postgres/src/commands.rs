@@ -4,20 +4,22 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
-use mdm_core::model::{Action, ActionStatus, ActionType, Millis, now_millis};
+use mdm_core::model::{Action, ActionStatus, ActionType, Device, Millis, now_millis};
 use mdm_core::rules::{self, AgentReport};
 use mdm_core::store::{
     ActionFilter, Canceled, CommandStore, Delivery, NewCommand, Page, PageRequest, Queued,
     Reported, StoreError, StoreResult,
 };
+use tokio::sync::oneshot;
 
-use crate::PgStore;
+use crate::batch::Combiner;
 use crate::db::{
     self, Fail, R, Select, encode, fetch_limit, has_nul, keyed, page, query, query_one, query_opt,
     record, records, tag, unit,
 };
-use crate::devices::{lock_device, write_device};
+use crate::devices::{lock_device, write_devices};
 use crate::outbox::insert_notifications;
+use crate::{PgStore, Pooled};
 
 async fn insert_action<C: GenericClient>(c: &C, action: &Action, upsert: bool) -> R<()> {
     let sql = if upsert {
@@ -48,6 +50,36 @@ async fn insert_action<C: GenericClient>(c: &C, action: &Action, upsert: bool) -
             &action.is_queued(),
             &action.expires_at,
             &encode(action)?,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Inserts new actions in one statement.
+async fn insert_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = actions.iter().map(|a| a.action_id.as_str()).collect();
+    let sites: Vec<&str> = actions.iter().map(|a| a.site_id.as_str()).collect();
+    let devices: Vec<&str> = actions.iter().map(|a| a.device_id.as_str()).collect();
+    let kinds: Vec<String> = actions.iter().map(|a| tag(&a.action_type)).collect();
+    let statuses: Vec<String> = actions.iter().map(|a| tag(&a.status)).collect();
+    let creators: Vec<&str> = actions.iter().map(|a| a.created_by.as_str()).collect();
+    let created: Vec<Millis> = actions.iter().map(|a| a.created_at).collect();
+    let queued: Vec<bool> = actions.iter().map(Action::is_queued).collect();
+    let expires: Vec<Millis> = actions.iter().map(|a| a.expires_at).collect();
+    let rows = actions.iter().map(encode).collect::<R<Vec<_>>>()?;
+    db::execute(
+        c,
+        "INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
+                              created_at, queued, expires_at, record)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::bigint[], $8::bool[], $9::bigint[], $10::bytea[])",
+        &[
+            &ids, &sites, &devices, &kinds, &statuses, &creators, &created, &queued, &expires,
+            &rows,
         ],
     )
     .await?;
@@ -89,6 +121,246 @@ async fn queued_of<C: GenericClient>(c: &C, device_id: &str) -> R<Vec<Action>> {
     Ok(actions.into_iter().filter(Action::is_queued).collect())
 }
 
+/// Calls of one kind a transaction takes at most, and such transactions
+/// at once (the rest of the pool serves reads and other operations).
+const MAX_BATCH: usize = 256;
+const BATCHES_IN_FLIGHT: usize = 4;
+
+pub(crate) struct QueueJob {
+    command: NewCommand,
+    reply: oneshot::Sender<StoreResult<Queued>>,
+}
+
+pub(crate) struct ReportJob {
+    device_id: String,
+    action_id: String,
+    reports: Vec<AgentReport>,
+    now: Millis,
+    reply: oneshot::Sender<StoreResult<Reported>>,
+}
+
+pub(crate) fn queue_combiner(db: Pooled) -> Combiner<QueueJob> {
+    Combiner::start(MAX_BATCH, BATCHES_IN_FLIGHT, move |jobs| {
+        let db = db.clone();
+        async move { run_queue_jobs(&db, jobs).await }
+    })
+}
+
+pub(crate) fn report_combiner(db: Pooled) -> Combiner<ReportJob> {
+    Combiner::start(MAX_BATCH, BATCHES_IN_FLIGHT, move |jobs| {
+        let db = db.clone();
+        async move {
+            match report_batch(&db, &jobs).await {
+                Ok(outcomes) => {
+                    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                        let _ = job.reply.send(outcome);
+                    }
+                }
+                Err(fail) => {
+                    // Reports are one unit each only for their caller: a
+                    // failed batch failed every one of them alike.
+                    let error = fail.into_store();
+                    for job in jobs {
+                        let _ = job.reply.send(Err(copy_of(&error)));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The same failure for every call of a batch (`StoreError` holds boxed
+/// sources, which do not clone).
+fn copy_of(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+        StoreError::DiskFull => StoreError::DiskFull,
+        StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
+        StoreError::BadPageToken => StoreError::BadPageToken,
+        other => StoreError::Backend(other.to_string().into()),
+    }
+}
+
+/// A batch of queueing calls in one transaction; when it fails, each call
+/// runs alone, so that one call's failure (an id already taken, say) is
+/// that call's only.
+async fn run_queue_jobs(db: &Pooled, jobs: Vec<QueueJob>) {
+    if jobs.len() > 1 {
+        let commands: Vec<&NewCommand> = jobs.iter().map(|job| &job.command).collect();
+        let batched = unit!(db, retry, |tx| { queue_batch(&tx, &commands).await? });
+        if let Ok(outcomes) = batched {
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
+            }
+            return;
+        }
+    }
+    let mut alone = tokio::task::JoinSet::new();
+    for job in jobs {
+        let db = db.clone();
+        alone.spawn(async move {
+            let _ = job.reply.send(queue_one(&db, job.command).await);
+        });
+    }
+    alone.join_all().await;
+}
+
+async fn queue_one(db: &Pooled, command: NewCommand) -> StoreResult<Queued> {
+    let commands = [&command];
+    unit!(db, retry, |tx| { queue_batch(&tx, &commands).await? })
+        .and_then(|mut outcomes| outcomes.pop().expect("one command, one outcome"))
+}
+
+/// Queues `commands` in order, as if one after the other: the devices'
+/// rows locked (in id order, so that two batches cannot deadlock), every
+/// device's queued commands read once, the rules applied in Rust, then
+/// each table written in one statement. A command whose device is not
+/// stored fails alone, writing nothing.
+async fn queue_batch<C: GenericClient>(
+    c: &C,
+    commands: &[&NewCommand],
+) -> R<Vec<StoreResult<Queued>>> {
+    let mut device_ids: Vec<&str> = commands
+        .iter()
+        .map(|c| c.action.device_id.as_str())
+        .collect();
+    device_ids.sort_unstable();
+    device_ids.dedup();
+    let mut devices: HashMap<String, Device> = HashMap::new();
+    for row in query(
+        c,
+        "SELECT device_id, record FROM devices WHERE device_id = ANY($1)
+         ORDER BY device_id FOR UPDATE",
+        &[&device_ids],
+    )
+    .await?
+    {
+        devices.insert(row.try_get(0)?, db::record_at(&row, 1)?);
+    }
+    let mut queued: HashMap<String, Vec<Action>> = HashMap::new();
+    let rows = query(
+        c,
+        "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
+        &[&device_ids],
+    )
+    .await?;
+    for action in records::<Action>(&rows)? {
+        if action.is_queued() {
+            queued
+                .entry(action.device_id.clone())
+                .or_default()
+                .push(action);
+        }
+    }
+    let now = now_millis();
+    let mut outcomes = Vec::with_capacity(commands.len());
+    let mut inserted: Vec<Action> = Vec::new();
+    let mut updated: HashMap<String, Action> = HashMap::new();
+    let mut notifications = Vec::new();
+    let mut changed_devices: Vec<String> = Vec::new();
+    for command in commands {
+        let mut action = command.action.clone();
+        let device_id = action.device_id.clone();
+        let Some(device) = devices.get_mut(&device_id) else {
+            outcomes.push(Err(StoreError::Backend(
+                format!("a command for device {device_id}, which is not stored").into(),
+            )));
+            continue;
+        };
+        let waiting = queued.entry(device_id.clone()).or_default();
+        let (superseded, direct) =
+            rules::plan_queue(&mut action, waiting.clone(), command.online, now);
+        for older in &superseded {
+            waiting.retain(|a| a.action_id != older.action_id);
+            // One queued earlier in this batch is inserted as it ends up.
+            match inserted.iter_mut().find(|a| a.action_id == older.action_id) {
+                Some(fresh) => *fresh = older.clone(),
+                None => {
+                    updated.insert(older.action_id.clone(), older.clone());
+                }
+            }
+        }
+        waiting.push(action.clone());
+        inserted.push(action.clone());
+        notifications.extend(command.notifications.iter().cloned());
+        if let Some(reset) = &command.latest_reset {
+            device.security.latest_reset = Some(reset.clone());
+            if !changed_devices.contains(&device_id) {
+                changed_devices.push(device_id.clone());
+            }
+        }
+        outcomes.push(Ok(Queued {
+            action,
+            superseded,
+            direct,
+        }));
+    }
+    insert_actions(c, &inserted).await?;
+    let updated: Vec<Action> = updated.into_values().collect();
+    write_actions(c, &updated).await?;
+    insert_notifications(c, &notifications, false).await?;
+    let changed: Vec<(&str, &Device)> = changed_devices
+        .iter()
+        .filter_map(|id| devices.get(id).map(|d| (id.as_str(), d)))
+        .collect();
+    write_devices(c, &changed).await?;
+    Ok(outcomes)
+}
+
+/// Agents' reports in one transaction, durable soon: each applied to its
+/// action in order, as if one after the other.
+async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Reported>>> {
+    unit!(@once db, true, |tx| {
+        let mut device_ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();
+        device_ids.sort_unstable();
+        device_ids.dedup();
+        query(
+            &tx,
+            "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+            &[&device_ids],
+        )
+        .await?;
+        let action_ids: Vec<&str> = jobs.iter().map(|j| j.action_id.as_str()).collect();
+        let rows = query(
+            &tx,
+            "SELECT record FROM actions WHERE action_id = ANY($1)",
+            &[&action_ids],
+        )
+        .await?;
+        let mut found: HashMap<String, Action> = records::<Action>(&rows)?
+            .into_iter()
+            .map(|a| (a.action_id.clone(), a))
+            .collect();
+        let mut changed = HashSet::new();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let outcome = match found.get_mut(&job.action_id) {
+                None => Reported::Unknown,
+                Some(action) if action.device_id != job.device_id => Reported::OtherDevice,
+                Some(action) => {
+                    let mut steps = Vec::new();
+                    for report in &job.reports {
+                        if rules::apply_report(action, report, job.now) {
+                            steps.push(action.clone());
+                        }
+                    }
+                    if !steps.is_empty() {
+                        changed.insert(job.action_id.clone());
+                    }
+                    Reported::Applied(steps)
+                }
+            };
+            outcomes.push(Ok(outcome));
+        }
+        let changed: Vec<Action> = found
+            .into_values()
+            .filter(|a| changed.contains(&a.action_id))
+            .collect();
+        write_actions(&tx, &changed).await?;
+        outcomes
+    })
+}
+
 #[async_trait]
 impl CommandStore for PgStore {
     fn new_action_id(&self, _site_id: &str) -> String {
@@ -96,35 +368,15 @@ impl CommandStore for PgStore {
     }
 
     async fn queue_command(&self, command: NewCommand) -> StoreResult<Queued> {
-        let NewCommand {
-            action,
-            online,
-            notifications,
-            latest_reset,
-        } = command;
-        unit!(self, retry, |tx| {
-            let mut action = action.clone();
-            let device_id = action.device_id.clone();
-            let Some(mut device) = lock_device(&tx, &device_id).await? else {
-                return Err(Fail::Store(StoreError::Backend(
-                    format!("a command for device {device_id}, which is not stored").into(),
-                )));
-            };
-            let queued = queued_of(&tx, &device_id).await?;
-            let (superseded, direct) = rules::plan_queue(&mut action, queued, online, now_millis());
-            insert_action(&tx, &action, false).await?;
-            write_actions(&tx, &superseded).await?;
-            insert_notifications(&tx, &notifications, false).await?;
-            if let Some(reset) = &latest_reset {
-                device.security.latest_reset = Some(reset.clone());
-                write_device(&tx, &device_id, &device).await?;
-            }
-            Queued {
-                action,
-                superseded,
-                direct,
-            }
-        })
+        let (reply, answer) = oneshot::channel();
+        match self.queue_batches.submit(QueueJob { command, reply }).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the store stopped before the command was stored".into(),
+                ))
+            }),
+            Err(job) => queue_one(&self.db, job.command).await,
+        }
     }
 
     async fn record_action(&self, action: &Action) -> StoreResult<()> {
@@ -200,35 +452,25 @@ impl CommandStore for PgStore {
         if has_nul(action_id) || has_nul(device_id) {
             return Ok(Reported::Unknown);
         }
-        unit!(self, soon, |tx| {
-            lock_device(&tx, device_id).await?;
-            let row = query_opt(
-                &tx,
-                "SELECT record FROM actions WHERE action_id = $1",
-                &[&action_id],
-            )
-            .await?;
-            match row {
-                None => Reported::Unknown,
-                Some(row) => {
-                    let mut action: Action = record(&row)?;
-                    if action.device_id != device_id {
-                        Reported::OtherDevice
-                    } else {
-                        let mut steps = Vec::new();
-                        for report in reports {
-                            if rules::apply_report(&mut action, report, now) {
-                                steps.push(action.clone());
-                            }
-                        }
-                        if !steps.is_empty() {
-                            write_actions(&tx, std::slice::from_ref(&action)).await?;
-                        }
-                        Reported::Applied(steps)
-                    }
-                }
-            }
-        })
+        let (reply, answer) = oneshot::channel();
+        let job = ReportJob {
+            device_id: device_id.to_owned(),
+            action_id: action_id.to_owned(),
+            reports: reports.to_vec(),
+            now,
+            reply,
+        };
+        match self.report_batches.submit(job).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the store stopped before the report was stored".into(),
+                ))
+            }),
+            Err(job) => report_batch(&self.db, std::slice::from_ref(&job))
+                .await
+                .map_err(Fail::into_store)
+                .and_then(|mut outcomes| outcomes.pop().expect("one job, one outcome")),
+        }
     }
 
     async fn cancel_action(&self, action_id: &str, by: &str, now: Millis) -> StoreResult<Canceled> {

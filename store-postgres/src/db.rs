@@ -97,7 +97,12 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> R<Vec<u8>> {
 
 /// The record in column 0 of `row`.
 pub(crate) fn record<T: DeserializeOwned>(row: &Row) -> R<T> {
-    let bytes: &[u8] = row.try_get(0)?;
+    record_at(row, 0)
+}
+
+/// The record in column `index` of `row`.
+pub(crate) fn record_at<T: DeserializeOwned>(row: &Row, index: usize) -> R<T> {
+    let bytes: &[u8] = row.try_get(index)?;
     serde_json::from_slice(bytes).map_err(|e| {
         Fail::Store(StoreError::Corrupt(format!(
             "a {} record: {e}",

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
-use mdm_core::model::{AuditEntry, CompanyPasscodeRecord, Device, DeviceStatus, now_millis};
+use mdm_core::model::{
+    AuditEntry, CompanyPasscodeRecord, Device, DeviceStatus, Millis, now_millis,
+};
 use mdm_core::store::{
     Change, DeviceFilter, DeviceStore, Enrolled, Page, PageRequest, StoreResult,
 };
@@ -15,9 +17,9 @@ use crate::db::{
     records, tag, unit,
 };
 
-/// First key of the transaction-scoped advisory locks that serialise a
-/// site's enrollments (the second is a hash of the site id): the check for
-/// an active device with the same serial number spans rows.
+/// First key of the transaction-scoped advisory locks that serialise the
+/// enrollments of one serial number in one site (the second is a hash of
+/// both): the check for an active device with the same serial spans rows.
 const ENROLL_LOCK: i32 = 0x6d64_6501;
 
 pub(crate) async fn insert_device<C: GenericClient>(c: &C, device: &Device) -> R<()> {
@@ -65,6 +67,49 @@ pub(crate) async fn write_device<C: GenericClient>(
     )
     .await?;
     Ok(())
+}
+
+/// Writes changed devices in one statement.
+pub(crate) async fn write_devices<C: GenericClient>(c: &C, devices: &[(&str, &Device)]) -> R<()> {
+    match devices {
+        [] => Ok(()),
+        [(device_id, device)] => write_device(c, device_id, device).await,
+        _ => {
+            let ids: Vec<&str> = devices.iter().map(|(id, _)| *id).collect();
+            let sites: Vec<&str> = devices.iter().map(|(_, d)| d.site_id.as_str()).collect();
+            let serials: Vec<&[u8]> = devices
+                .iter()
+                .map(|(_, d)| d.facts.serial_number.as_bytes())
+                .collect();
+            let statuses: Vec<String> = devices.iter().map(|(_, d)| tag(&d.status)).collect();
+            let platforms: Vec<String> = devices
+                .iter()
+                .map(|(_, d)| tag(&d.facts.platform))
+                .collect();
+            let emails: Vec<&str> = devices.iter().map(|(_, d)| d.user_email.as_str()).collect();
+            let enrolled: Vec<Millis> = devices.iter().map(|(_, d)| d.enrolled_at).collect();
+            let rows = devices
+                .iter()
+                .map(|(_, d)| encode(d))
+                .collect::<R<Vec<_>>>()?;
+            db::execute(
+                c,
+                "UPDATE devices AS d SET site_id = u.site_id, serial_number = u.serial_number,
+                     status = u.status, platform = u.platform, user_email = u.user_email,
+                     enrolled_at = u.enrolled_at, record = u.record
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[],
+                             $6::text[], $7::bigint[], $8::bytea[])
+                     AS u(device_id, site_id, serial_number, status, platform, user_email,
+                          enrolled_at, record)
+                 WHERE d.device_id = u.device_id",
+                &[
+                    &ids, &sites, &serials, &statuses, &platforms, &emails, &enrolled, &rows,
+                ],
+            )
+            .await?;
+            Ok(())
+        }
+    }
 }
 
 /// The device's row, locked until the transaction ends: every change to
@@ -120,12 +165,18 @@ impl DeviceStore for PgStore {
     ) -> StoreResult<Enrolled> {
         let (stored, enrolled) = unit!(self, retry, |tx| {
             let mut new = device.clone();
-            db::execute(
-                &tx,
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&ENROLL_LOCK, &new.site_id],
-            )
-            .await?;
+            if !new.facts.serial_number.is_empty() {
+                db::execute(
+                    &tx,
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2 || encode($3::bytea, 'hex')))",
+                    &[
+                        &ENROLL_LOCK,
+                        &new.site_id,
+                        &new.facts.serial_number.as_bytes(),
+                    ],
+                )
+                .await?;
+            }
             let mut replaced = None;
             if let Some(old_id) = proven.filter(|id| !has_nul(id))
                 && let Some(mut old) = lock_device(&tx, old_id).await?
@@ -163,10 +214,18 @@ impl DeviceStore for PgStore {
                     }
                 }
             };
+            (new, enrolled)
+        })?;
+        // Counted after the device is stored, in a transaction of its own
+        // that does not wait for the WAL: every enrollment of a site updates
+        // this one row, and holding it until a durable commit would let one
+        // enrollment per flush through. A crash can lose a count, never a
+        // device.
+        unit!(self, soon, |tx| {
             let passcode = query_opt(
                 &tx,
                 "SELECT record FROM passcodes WHERE site_id = $1 FOR UPDATE",
-                &[&new.site_id],
+                &[&stored.site_id],
             )
             .await?;
             if let Some(row) = passcode {
@@ -176,11 +235,10 @@ impl DeviceStore for PgStore {
                 db::execute(
                     &tx,
                     "UPDATE passcodes SET record = $2 WHERE site_id = $1",
-                    &[&new.site_id, &encode(&passcode)?],
+                    &[&stored.site_id, &encode(&passcode)?],
                 )
                 .await?;
             }
-            (new, enrolled)
         })?;
         *device = stored;
         Ok(enrolled)

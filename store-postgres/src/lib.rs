@@ -3,12 +3,15 @@
 //!
 //! Every operation is one transaction on a pooled connection; a mutating
 //! one commits before it returns (synchronously, except the "durable soon"
-//! ones, which commit with `synchronous_commit = off`). Operations on one
+//! ones, which commit with `synchronous_commit = off`). Concurrent queueing
+//! and concurrent agent reports share transactions (`batch`): what each
+//! call does is the same as alone, in the order the calls arrived. Operations on one
 //! device's commands first lock the device's row (`SELECT ... FOR UPDATE`),
 //! which serialises them across every server process sharing the database,
 //! then apply [`mdm_core::rules`] in Rust and write. Several servers may
 //! share one database: nothing here is cached in the process.
 
+mod batch;
 mod commands;
 mod config;
 mod db;
@@ -58,13 +61,27 @@ pub enum PgOpenError {
 
 /// The PostgreSQL store: a pool of connections to one database.
 pub struct PgStore {
-    pool: Pool,
+    db: Pooled,
     target: String,
+    queue_batches: batch::Combiner<commands::QueueJob>,
+    report_batches: batch::Combiner<commands::ReportJob>,
+}
+
+/// The pool, as the tasks that run batches hold it.
+#[derive(Clone)]
+pub(crate) struct Pooled {
+    pool: Pool,
+}
+
+impl Pooled {
+    pub(crate) async fn client(&self) -> R<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
 }
 
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let status = self.pool.status();
+        let status = self.db.pool.status();
         f.debug_struct("PgStore")
             .field("target", &self.target)
             .field("connections", &status.size)
@@ -107,7 +124,13 @@ impl PgStore {
             .map_err(|e| PgOpenError::BadUrl(e.to_string()))?;
         let client = pool.get().await.map_err(|e| open_error(e, &target))?;
         schema::migrate(client).await?;
-        Ok(PgStore { pool, target })
+        let db = Pooled { pool };
+        Ok(PgStore {
+            queue_batches: commands::queue_combiner(db.clone()),
+            report_batches: commands::report_combiner(db.clone()),
+            db,
+            target,
+        })
     }
 
     /// `host:port` of the database, for messages.
@@ -116,7 +139,7 @@ impl PgStore {
     }
 
     pub(crate) async fn client(&self) -> R<deadpool_postgres::Object> {
-        Ok(self.pool.get().await?)
+        self.db.client().await
     }
 }
 
@@ -160,7 +183,7 @@ impl Store for PgStore {
             Ok(())
         }
         .await;
-        self.pool.close();
+        self.db.pool.close();
         flushed.map_err(Fail::into_store)
     }
 }

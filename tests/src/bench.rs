@@ -28,6 +28,12 @@ pub struct BenchOptions {
     /// The `mdm-bench` binary: the baseline server runs in its own process,
     /// so each side has its own open-file budget.
     pub bench_exe: PathBuf,
+    /// Store in this PostgreSQL server (a new database per run) instead of
+    /// the embedded store; the URL may hold the password, so it reaches
+    /// the server in its environment.
+    pub database_url: Option<String>,
+    /// `pgbench`, for the insert baseline of a PostgreSQL run.
+    pub pgbench: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -65,8 +71,28 @@ pub struct FanOut {
     pub admin_call: Latency,
 }
 
+/// PostgreSQL's side of a run on it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PostgresFigures {
+    /// Transactions that wrote during each fan-out (transaction ids used).
+    pub lock_write_transactions: i64,
+    pub lock_write_transactions_per_s: f64,
+    pub reset_write_transactions: i64,
+    pub reset_write_transactions_per_s: f64,
+    /// Transactions rolled back over the whole run (conflicts retried,
+    /// refused calls).
+    pub rolled_back: i64,
+    /// `pgbench`: one-row autocommit inserts from as many clients as the
+    /// server's pool, on the same cluster after the server stopped.
+    pub pgbench_insert_tps: Option<f64>,
+    pub pgbench_clients: usize,
+}
+
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
+    /// "sled" or "postgres".
+    pub store: String,
+    pub postgres: Option<PostgresFigures>,
     pub agents: usize,
     pub enroll_per_s: f64,
     pub enroll: Latency,
@@ -150,6 +176,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// The server's default pool of database connections (`PgConfig`).
+const POSTGRES_POOL_SIZE: usize = 16;
 
 /// Admin connections a fan-out uses, and calls in flight on each.
 pub const ADMIN_CONNECTIONS: usize = 8;
@@ -306,7 +335,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let temp = tempfile::tempdir()?;
     let data_dir = temp.path().join("data");
     let port = crate::free_port();
-    let mut server = tokio::process::Command::new(&options.server_bin)
+    let database = match &options.database_url {
+        Some(base) => Some(crate::bench_postgres::fresh_database(base, "store").await?),
+        None => None,
+    };
+    let mut server = tokio::process::Command::new(&options.server_bin);
+    if let Some(url) = &database {
+        server.env("MDM_DATABASE_URL", url);
+    }
+    let mut server = server
         .args([
             "serve",
             "--listen",
@@ -339,6 +376,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let ca = std::fs::read_to_string(data_dir.join("pki/ca.crt"))?;
     let (site_id, passcode) = crate::site_with_passcode(&handle, "bench@example.com", 100).await;
     let mut report = Report {
+        store: if database.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        }
+        .into(),
+        postgres: database.as_ref().map(|_| PostgresFigures::default()),
         agents: n,
         ..Default::default()
     };
@@ -445,6 +489,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let device_ids: Vec<String> = identities.iter().map(|(id, _, _)| id.clone()).collect();
     for kind in ["lock", "reset"] {
         eprintln!("bench: {kind} fan-out to {n} devices");
+        let transactions_before = match &database {
+            Some(url) => crate::bench_postgres::next_transaction_id(url).await?,
+            None => 0,
+        };
         let started = Instant::now();
         let cpu_before = cpu_seconds(server_pid);
         let calls = issue_commands(&admins, &device_ids, kind).await?;
@@ -514,6 +562,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             per_action: Latency::of(per_action),
             admin_call: Latency::of(admin_latencies),
         };
+        if let (Some(url), Some(figures)) = (&database, report.postgres.as_mut()) {
+            let transactions =
+                crate::bench_postgres::next_transaction_id(url).await? - transactions_before;
+            let per_s = transactions as f64 / fan.total_s.max(1e-9);
+            if kind == "lock" {
+                figures.lock_write_transactions = transactions;
+                figures.lock_write_transactions_per_s = per_s;
+            } else {
+                figures.reset_write_transactions = transactions;
+                figures.reset_write_transactions_per_s = per_s;
+            }
+        }
         if kind == "lock" {
             report.lock = fan;
         } else {
@@ -548,6 +608,22 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     // process holds about 20,000 files).
     let _ = server.kill().await;
     drop(identities);
+    if let (Some(url), Some(figures)) = (&database, report.postgres.as_mut()) {
+        figures.rolled_back = crate::bench_postgres::rolled_back(url).await?;
+        figures.pgbench_clients = POSTGRES_POOL_SIZE;
+        if let (Some(pgbench), Some(base)) = (&options.pgbench, &options.database_url) {
+            eprintln!("bench: pgbench insert baseline ({POSTGRES_POOL_SIZE} clients, 10 s)");
+            figures.pgbench_insert_tps = Some(
+                crate::bench_postgres::insert_baseline(
+                    pgbench,
+                    base,
+                    POSTGRES_POOL_SIZE,
+                    Duration::from_secs(10),
+                )
+                .await?,
+            );
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     eprintln!("bench: baseline fan-outs to {n} streams (the same admin calls, then push-only)");
     let baseline =
@@ -574,8 +650,30 @@ impl Report {
                 l(&f.admin_call)
             )
         };
+        let postgres = self.postgres.as_ref().map_or(String::new(), |pg| {
+            let per = |tx: i64| tx as f64 / self.agents.max(1) as f64;
+            format!(
+                "PostgreSQL, lock fan-out    {} write transactions ({:.1} per command), {:.0}/s\n\
+                 PostgreSQL, reset fan-out   {} write transactions ({:.1} per command), {:.0}/s\n\
+                 PostgreSQL, rolled back     {} transactions in the whole run\n\
+                 pgbench one-row inserts     {} ({} clients, same cluster)\n",
+                pg.lock_write_transactions,
+                per(pg.lock_write_transactions),
+                pg.lock_write_transactions_per_s,
+                pg.reset_write_transactions,
+                per(pg.reset_write_transactions),
+                pg.reset_write_transactions_per_s,
+                pg.rolled_back,
+                pg.pgbench_insert_tps
+                    .map_or("not run (no pgbench)".to_owned(), |tps| format!(
+                        "{tps:.0} transactions/s"
+                    )),
+                pg.pgbench_clients,
+            )
+        });
         format!(
-            "agents                      {}\n\
+            "store                       {}\n\
+             agents                      {}\n\
              enrollment                  {:.0}/s  ({})\n\
              connect ramp                {:.1} s to {} live streams\n\
              server RSS                  {} KB -> {} KB = {:.1} KB per connected agent\n\
@@ -585,7 +683,9 @@ impl Report {
              baseline lock fan-out       {:.2} s (same admin calls and agents, no storage; server CPU {:.2} s)\n\
              lock fan-out / baseline     {:.1}x\n\
              baseline push-only          {:.2} s (commands written by the server itself)\n\
-             lock fan-out / push-only    {:.1}x\n",
+             lock fan-out / push-only    {:.1}x\n\
+             {}",
+            self.store,
             self.agents,
             self.enroll_per_s,
             l(&self.enroll),
@@ -603,6 +703,7 @@ impl Report {
             self.lock_vs_baseline,
             self.baseline_push_only_s,
             self.lock_vs_push_only,
+            postgres,
         )
     }
 }

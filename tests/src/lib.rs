@@ -19,6 +19,7 @@ pub use mdm_proto::v1 as pb;
 
 pub mod baseline;
 pub mod bench;
+pub mod bench_postgres;
 pub mod chaos;
 
 /// A channel to `server` from the `i`-th loopback source address.
@@ -833,7 +834,7 @@ pub async fn create_database(base_url: &str, name: &str) -> String {
 }
 
 /// `base_url` with its database replaced by `name`.
-fn database_url(base_url: &str, name: &str) -> String {
+pub(crate) fn database_url(base_url: &str, name: &str) -> String {
     let (prefix, query) = base_url.split_once('?').unwrap_or((base_url, ""));
     let server = prefix.rsplit_once('/').map_or(prefix, |(server, _)| server);
     if query.is_empty() {

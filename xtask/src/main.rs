@@ -35,7 +35,7 @@ fn main() -> std::process::ExitCode {
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test|tools|demo|bench|chaos|fuzz>\n  test   install test tools, fmt check, clippy, cargo-deny, all tests\n  tools  install the pinned test tools into target/tools\n  demo   run the README walkthrough against a fresh server\n  bench  [--agents N] [--json FILE]: the scale benchmark (release)\n  chaos  [--agents N] [--server-kills N] [--agent-kills N] [--json FILE]: SIGKILL server and agents under load (release)\n  fuzz   [--seconds S] [--target NAME]... [--keep-corpus]: build and run the libFuzzer targets"
+                "usage: cargo xtask <test|tools|demo|bench|chaos|fuzz>\n  test   install test tools, fmt check, clippy, cargo-deny, all tests\n  tools  install the pinned test tools into target/tools\n  demo   run the README walkthrough against a fresh server\n  bench  [--store sled|postgres] [--agents N] [--json FILE]: the scale benchmark (release)\n  chaos  [--agents N] [--server-kills N] [--agent-kills N] [--json FILE]: SIGKILL server and agents under load (release)\n  fuzz   [--seconds S] [--target NAME]... [--keep-corpus]: build and run the libFuzzer targets"
             );
             return std::process::ExitCode::from(64);
         }
@@ -259,15 +259,41 @@ fn demo() -> Result<()> {
 }
 
 /// Release build, then the load generator against the real server.
+///
+/// `--store postgres` runs it against a throwaway PostgreSQL provisioned
+/// like the test suite's; its URL (with the password) reaches the bench in
+/// the environment, never in argv.
 fn bench(extra: &[String]) -> Result<()> {
+    let mut store = "sled".to_owned();
+    let mut forwarded = Vec::new();
+    let mut args = extra.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--store" {
+            store = args.next().cloned().context("--store sled|postgres")?;
+        } else {
+            forwarded.push(arg.clone());
+        }
+    }
     let release = release_build(&[("mdm-server", "mdm-server"), ("mdm-tests", "mdm-bench")])?;
-    run(
-        "mdm-bench",
-        Command::new(release.join("mdm-bench"))
-            .arg("--server-bin")
-            .arg(release.join("mdm-server"))
-            .args(extra),
-    )
+    let mut command = Command::new(release.join("mdm-bench"));
+    command
+        .arg("--server-bin")
+        .arg(release.join("mdm-server"))
+        .args(&forwarded);
+    let _database = match store.as_str() {
+        "sled" => None,
+        "postgres" => {
+            let database = postgres::provision(&root().join("target/tools"))?;
+            eprintln!("xtask: bench on PostgreSQL from {}", database.origin);
+            command.env("MDM_BENCH_DATABASE_URL", &database.url);
+            if let Some(bindir) = &database.bindir {
+                command.env("MDM_BENCH_PGBENCH", bindir.join("pgbench"));
+            }
+            Some(database)
+        }
+        other => bail!("--store {other:?}: expected sled or postgres"),
+    };
+    run("mdm-bench", &mut command)
 }
 
 /// Release build, then the crash-restart run with the real binaries.

@@ -1,5 +1,7 @@
 //! `mdm-bench [--agents N] [--json FILE] --server-bin PATH`: what `cargo
-//! xtask bench` runs (in release).
+//! xtask bench` runs (in release). With `MDM_BENCH_DATABASE_URL` set the
+//! server stores in that PostgreSQL (a new database per run), and
+//! `MDM_BENCH_PGBENCH` names the `pgbench` of the insert baseline.
 
 fn main() -> anyhow::Result<()> {
     let mut agents = 2000;
@@ -38,6 +40,10 @@ fn main() -> anyhow::Result<()> {
             .into(),
         concurrency: 64,
         bench_exe: std::env::current_exe()?,
+        database_url: std::env::var("MDM_BENCH_DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty()),
+        pgbench: std::env::var_os("MDM_BENCH_PGBENCH").map(Into::into),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
