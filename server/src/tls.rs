@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::StreamExt;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::server::WebPkiClientVerifier;
@@ -152,6 +153,7 @@ pub type StillAuthorized = dyn Fn() -> futures::future::BoxFuture<'static, bool>
 /// How often open connections with a certificate are checked again, so a
 /// revoked identity stops escaping the per-source limit.
 const RECHECK_EVERY: Duration = Duration::from_secs(5);
+const RECHECKS_AT_ONCE: usize = 256;
 
 /// The open connections by peer address: a session can close its own
 /// connection, and connections whose identity was revoked are counted again.
@@ -199,19 +201,23 @@ impl Connections {
             .iter()
             .map(|(peer, entry)| (*peer, entry.clone()))
             .collect();
-        for (peer, entry) in entries {
-            let Some(still_authorized) = &entry.still_authorized else {
-                continue;
-            };
-            if entry
-                .slot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
-                || still_authorized().await
-            {
-                continue;
-            }
+        // Checked many at a time: a store on a database answers concurrent
+        // device reads with one query.
+        let revoked: Vec<(SocketAddr, Arc<ConnectionEntry>)> = futures::stream::iter(entries)
+            .map(|(peer, entry)| async move {
+                let still_authorized = entry.still_authorized.clone()?;
+                let counted = entry
+                    .slot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some();
+                (!counted && !still_authorized().await).then_some((peer, entry))
+            })
+            .buffer_unordered(RECHECKS_AT_ONCE)
+            .filter_map(|revoked| async move { revoked })
+            .collect()
+            .await;
+        for (peer, entry) in revoked {
             let mut slot = entry.slot.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_some() {
                 continue;

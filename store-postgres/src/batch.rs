@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use mdm_core::store::StoreError;
 use tokio::sync::{Semaphore, mpsc};
 
 /// Jobs waiting for a batch. Beyond it, callers wait for room: the queue
@@ -58,5 +59,17 @@ impl<J: Send + 'static> Combiner<J> {
     /// runtime that ran the combiner is gone), for the caller to run alone.
     pub(crate) async fn submit(&self, job: J) -> Result<(), J> {
         self.jobs.send(job).await.map_err(|error| error.0)
+    }
+}
+
+/// The same failure for every call of a batch (`StoreError` holds boxed
+/// sources, which do not clone).
+pub(crate) fn copy_of(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+        StoreError::DiskFull => StoreError::DiskFull,
+        StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
+        StoreError::BadPageToken => StoreError::BadPageToken,
+        other => StoreError::Backend(other.to_string().into()),
     }
 }

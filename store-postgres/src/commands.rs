@@ -12,7 +12,7 @@ use mdm_core::store::{
 };
 use tokio::sync::oneshot;
 
-use crate::batch::Combiner;
+use crate::batch::{Combiner, copy_of};
 use crate::db::{
     self, Fail, R, Select, encode, fetch_limit, has_nul, keyed, page, query, query_one, query_opt,
     record, records, tag, unit,
@@ -167,18 +167,6 @@ pub(crate) fn report_combiner(db: Pooled) -> Combiner<ReportJob> {
             }
         }
     })
-}
-
-/// The same failure for every call of a batch (`StoreError` holds boxed
-/// sources, which do not clone).
-fn copy_of(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
-        StoreError::DiskFull => StoreError::DiskFull,
-        StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
-        StoreError::BadPageToken => StoreError::BadPageToken,
-        other => StoreError::Backend(other.to_string().into()),
-    }
 }
 
 /// A batch of queueing calls in one transaction; when it fails, each call

@@ -1,5 +1,6 @@
 //! Enrolled devices and their audit trails.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -8,14 +9,16 @@ use mdm_core::model::{
     AuditEntry, CompanyPasscodeRecord, Device, DeviceStatus, Millis, now_millis,
 };
 use mdm_core::store::{
-    Change, DeviceFilter, DeviceStore, Enrolled, Page, PageRequest, StoreResult,
+    Change, DeviceFilter, DeviceStore, Enrolled, Page, PageRequest, StoreError, StoreResult,
 };
+use tokio::sync::oneshot;
 
-use crate::PgStore;
+use crate::batch::{Combiner, copy_of};
 use crate::db::{
     self, Fail, R, Select, encode, fetch_limit, has_nul, keyed, page, query, query_opt, record,
     records, tag, unit,
 };
+use crate::{PgStore, Pooled};
 
 /// First key of the transaction-scoped advisory locks that serialise the
 /// enrollments of one serial number in one site (the second is a hash of
@@ -110,6 +113,52 @@ pub(crate) async fn write_devices<C: GenericClient>(c: &C, devices: &[(&str, &De
             Ok(())
         }
     }
+}
+
+/// One `get_device` call waiting for a shared read.
+pub(crate) struct DeviceRead {
+    device_id: String,
+    reply: oneshot::Sender<StoreResult<Option<Arc<Device>>>>,
+}
+
+/// Concurrent device reads (every call of an admin or a device starts
+/// with one, and every connection is checked again every few seconds)
+/// share one query.
+pub(crate) fn read_combiner(db: Pooled) -> Combiner<DeviceRead> {
+    Combiner::start(512, 4, move |jobs: Vec<DeviceRead>| {
+        let db = db.clone();
+        async move {
+            let ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();
+            match read_devices(&db, &ids).await {
+                Ok(found) => {
+                    for job in jobs {
+                        let _ = job.reply.send(Ok(found.get(&job.device_id).cloned()));
+                    }
+                }
+                Err(fail) => {
+                    let error = fail.into_store();
+                    for job in jobs {
+                        let _ = job.reply.send(Err(copy_of(&error)));
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn read_devices(db: &Pooled, ids: &[&str]) -> R<HashMap<String, Arc<Device>>> {
+    let client = db.client().await?;
+    let rows = query(
+        &client,
+        "SELECT device_id, record FROM devices WHERE device_id = ANY($1)",
+        &[&ids],
+    )
+    .await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        found.insert(row.try_get(0)?, Arc::new(db::record_at(&row, 1)?));
+    }
+    Ok(found)
 }
 
 /// The device's row, locked until the transaction ends: every change to
@@ -248,19 +297,24 @@ impl DeviceStore for PgStore {
         if has_nul(device_id) {
             return Ok(None);
         }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM devices WHERE device_id = $1",
-                &[&device_id],
-            )
-            .await?
-            .map(|row| record(&row).map(Arc::new))
-            .transpose()
+        let (reply, answer) = oneshot::channel();
+        let job = DeviceRead {
+            device_id: device_id.to_owned(),
+            reply,
+        };
+        match self.device_reads.submit(job).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the store stopped before the device was read".into(),
+                ))
+            }),
+            Err(job) => {
+                let mut found = read_devices(&self.db, &[job.device_id.as_str()])
+                    .await
+                    .map_err(Fail::into_store)?;
+                Ok(found.remove(&job.device_id))
+            }
         }
-        .await
-        .map_err(Fail::into_store)
     }
 
     async fn update_device(

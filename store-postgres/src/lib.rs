@@ -65,6 +65,7 @@ pub struct PgStore {
     target: String,
     queue_batches: batch::Combiner<commands::QueueJob>,
     report_batches: batch::Combiner<commands::ReportJob>,
+    device_reads: batch::Combiner<devices::DeviceRead>,
 }
 
 /// The pool, as the tasks that run batches hold it.
@@ -128,6 +129,7 @@ impl PgStore {
         Ok(PgStore {
             queue_batches: commands::queue_combiner(db.clone()),
             report_batches: commands::report_combiner(db.clone()),
+            device_reads: devices::read_combiner(db.clone()),
             db,
             target,
         })
