@@ -96,6 +96,13 @@ impl DataDir {
     }
 
     /// Whether the directory is absent or empty, i.e. a first start.
+    /// Written by `mdm-server migrate` once the database is copied: a
+    /// server started on this data dir without a database URL would serve
+    /// the copy left behind, and the two deployments would drift apart.
+    pub fn migrated_marker(&self) -> PathBuf {
+        self.root.join("MIGRATED-TO-POSTGRESQL")
+    }
+
     pub fn is_fresh(&self) -> Result<bool, DataDirError> {
         match fs::read_dir(&self.root) {
             Ok(mut entries) => Ok(entries.next().is_none()),

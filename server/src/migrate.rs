@@ -8,7 +8,9 @@
 //! in one transaction, and the rows are counted again once it committed.
 //! Only the database moves: the CA, `secret.key` (the key of the passcode
 //! hashes and of everything sealed in the records) and the admin registry
-//! stay in the data dir, which the server keeps using.
+//! stay in the data dir, which the server keeps using. The data dir is
+//! then marked (`MIGRATED-TO-POSTGRESQL`): a server started on it without
+//! a database URL refuses to serve the stale copy.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,14 @@ pub enum MigrateError {
     },
     #[error("reading the data dir stopped: {0}")]
     Stopped(String),
+    #[error(
+        "copied to {target}, but cannot mark the data dir as migrated ({path}: {reason}); do not start a server on it without --database-url"
+    )]
+    Mark {
+        target: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 /// What a migration copied, and how long it took.
@@ -138,6 +148,7 @@ async fn blocking<T: Send + 'static>(
 pub async fn migrate(from_data_dir: &Path, to: PgConfig) -> Result<MigrationReport, MigrateError> {
     let started = Instant::now();
     let data_dir = check_data_dir(from_data_dir)?;
+    let marker = data_dir.migrated_marker();
     let db_path = data_dir.db();
     let source = move |source: StorageError| MigrateError::Source {
         path: data_dir.db(),
@@ -205,6 +216,20 @@ pub async fn migrate(from_data_dir: &Path, to: PgConfig) -> Result<MigrationRepo
             imported,
         });
     }
+    let note = format!(
+        "The database of this data dir was copied to PostgreSQL at {target} ({} records).\n\
+         Servers on this data dir store there now: start them with --database-url.\n\
+         `mdm-server serve` without one refuses to start while this file is here; remove it\n\
+         only to serve the copy left in db/, as it was at the migration.\n",
+        imported.total()
+    );
+    mdm_core::fsutil::write_atomic(&marker, note.as_bytes(), false).map_err(|e| {
+        MigrateError::Mark {
+            target: target.clone(),
+            path: marker.clone(),
+            reason: e.to_string(),
+        }
+    })?;
     let report = MigrationReport {
         counts: imported,
         target,

@@ -57,6 +57,13 @@ pub enum ServerError {
     Store(#[from] mdm_core::store::StoreError),
     #[error("stopped while waiting for the database")]
     StoppedWaiting,
+    #[error(
+        "the database of the data dir {data_dir} was migrated to PostgreSQL ({marker}); start with --database-url (or MDM_DATABASE_URL), or remove that file to serve the copy left in the data dir"
+    )]
+    Migrated {
+        data_dir: std::path::PathBuf,
+        marker: std::path::PathBuf,
+    },
 }
 
 impl ServerError {
@@ -65,13 +72,14 @@ impl ServerError {
         use mdm_store_postgres::PgOpenError;
         matches!(
             self,
-            ServerError::Database(
-                PgOpenError::BadUrl(_)
-                    | PgOpenError::BadCaFile { .. }
-                    | PgOpenError::Tls(_)
-                    | PgOpenError::Refused { .. }
-                    | PgOpenError::SchemaTooNew { .. }
-            )
+            ServerError::Migrated { .. }
+                | ServerError::Database(
+                    PgOpenError::BadUrl(_)
+                        | PgOpenError::BadCaFile { .. }
+                        | PgOpenError::Tls(_)
+                        | PgOpenError::Refused { .. }
+                        | PgOpenError::SchemaTooNew { .. }
+                )
         )
     }
 }
@@ -89,6 +97,13 @@ async fn open_store(
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<Arc<dyn Store>, ServerError> {
     let Some(database) = &config.database else {
+        let marker = dir.migrated_marker();
+        if marker.exists() {
+            return Err(ServerError::Migrated {
+                data_dir: dir.root().to_path_buf(),
+                marker,
+            });
+        }
         return Ok(Arc::new(Storage::open(&dir.db())?));
     };
     let mut wait = std::time::Duration::from_secs(1);

@@ -108,6 +108,36 @@ async fn a_sled_deployment_migrated_to_postgresql_keeps_its_agents_and_its_log()
         "{stdout}"
     );
 
+    // The copy left in the data dir is not served by mistake.
+    let marker = std::fs::read_to_string(data_dir.join("MIGRATED-TO-POSTGRESQL")).unwrap();
+    assert!(marker.contains("--database-url"), "{marker}");
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(user, _)| user.split_once(':'))
+        .map(|(_, password)| password.to_owned());
+    if let Some(password) = &password {
+        assert!(!marker.contains(password.as_str()), "{marker}");
+    }
+    let on_stale_copy = tokio::process::Command::new(server_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env_remove("MDM_DATABASE_URL")
+        .kill_on_drop(true)
+        .output();
+    let on_stale_copy = tokio::time::timeout(Duration::from_secs(20), on_stale_copy)
+        .await
+        .expect("a server on a migrated data dir without a database URL refuses to start")
+        .unwrap();
+    assert_eq!(on_stale_copy.status.code(), Some(64), "{on_stale_copy:?}");
+    let stderr = String::from_utf8_lossy(&on_stale_copy.stderr);
+    assert!(
+        stderr.contains("MIGRATED-TO-POSTGRESQL") && stderr.contains("--database-url"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
     let _process = ServerProcess::start_on(&data_dir, port, Some(url.clone())).await;
     let mut child = agent.run();
     wait_online(&server, &device_id).await;
