@@ -110,6 +110,20 @@ async fn write_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
     Ok(())
 }
 
+/// The stored ones of these actions, by id.
+async fn actions_by_id<C: GenericClient>(c: &C, ids: &[&str]) -> R<HashMap<String, Action>> {
+    let rows = query(
+        c,
+        "SELECT record FROM actions WHERE action_id = ANY($1)",
+        &[&ids],
+    )
+    .await?;
+    Ok(records::<Action>(&rows)?
+        .into_iter()
+        .map(|a| (a.action_id.clone(), a))
+        .collect())
+}
+
 async fn queued_of<C: GenericClient>(c: &C, device_id: &str) -> R<Vec<Action>> {
     let rows = query(
         c,
@@ -309,16 +323,7 @@ async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Repo
         )
         .await?;
         let action_ids: Vec<&str> = jobs.iter().map(|j| j.action_id.as_str()).collect();
-        let rows = query(
-            &tx,
-            "SELECT record FROM actions WHERE action_id = ANY($1)",
-            &[&action_ids],
-        )
-        .await?;
-        let mut found: HashMap<String, Action> = records::<Action>(&rows)?
-            .into_iter()
-            .map(|a| (a.action_id.clone(), a))
-            .collect();
+        let mut found = actions_by_id(&tx, &action_ids).await?;
         let mut changed = HashSet::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -392,16 +397,7 @@ impl CommandStore for PgStore {
             .collect();
         unit!(self, retry, |tx| {
             lock_device(&tx, device_id).await?;
-            let rows = query(
-                &tx,
-                "SELECT record FROM actions WHERE action_id = ANY($1)",
-                &[&ids],
-            )
-            .await?;
-            let mut found: HashMap<String, Action> = records::<Action>(&rows)?
-                .into_iter()
-                .map(|a| (a.action_id.clone(), a))
-                .collect();
+            let mut found = actions_by_id(&tx, &ids).await?;
             let mut changed = HashSet::new();
             let mut outcomes = Vec::with_capacity(action_ids.len());
             for id in action_ids {
