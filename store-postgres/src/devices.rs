@@ -161,6 +161,72 @@ async fn read_devices(db: &Pooled, ids: &[&str]) -> R<HashMap<String, Arc<Device
     Ok(found)
 }
 
+/// One enrollment to count on its site's passcode.
+pub(crate) struct PasscodeUse {
+    site_id: String,
+    at: Millis,
+    reply: oneshot::Sender<StoreResult<()>>,
+}
+
+pub(crate) fn passcode_use_combiner(db: Pooled) -> Combiner<PasscodeUse> {
+    Combiner::start(512, 2, move |uses: Vec<PasscodeUse>| {
+        let db = db.clone();
+        async move {
+            let counted = count_uses(&db, &uses).await.map_err(Fail::into_store);
+            for one in uses {
+                let _ = one.reply.send(match &counted {
+                    Ok(()) => Ok(()),
+                    Err(error) => Err(copy_of(error)),
+                });
+            }
+        }
+    })
+}
+
+/// Adds enrollments to their sites' passcode records, durable soon; the
+/// rows locked in site order, so that two batches cannot deadlock.
+async fn count_uses(db: &Pooled, uses: &[PasscodeUse]) -> R<()> {
+    let mut by_site: HashMap<&str, (u32, Millis)> = HashMap::new();
+    for one in uses {
+        let entry = by_site.entry(one.site_id.as_str()).or_insert((0, one.at));
+        entry.0 += 1;
+        entry.1 = entry.1.max(one.at);
+    }
+    let mut sites: Vec<&str> = by_site.keys().copied().collect();
+    sites.sort_unstable();
+    unit!(@once db, true, |tx| {
+        let rows = query(
+            &tx,
+            "SELECT site_id, record FROM passcodes WHERE site_id = ANY($1)
+             ORDER BY site_id FOR UPDATE",
+            &[&sites],
+        )
+        .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            let site_id: String = row.try_get(0)?;
+            let mut passcode: CompanyPasscodeRecord = db::record_at(&row, 1)?;
+            if let Some((count, at)) = by_site.get(site_id.as_str()) {
+                passcode.enrollments = passcode.enrollments.saturating_add(*count);
+                passcode.last_used_at = Some(passcode.last_used_at.unwrap_or(0).max(*at));
+            }
+            records.push(encode(&passcode)?);
+            ids.push(site_id);
+        }
+        if !ids.is_empty() {
+            db::execute(
+                &tx,
+                "UPDATE passcodes AS p SET record = u.record
+                 FROM unnest($1::text[], $2::bytea[]) AS u(site_id, record)
+                 WHERE p.site_id = u.site_id",
+                &[&ids, &records],
+            )
+            .await?;
+        }
+    })
+}
+
 /// The device's row, locked until the transaction ends: every change to
 /// the device, or to its commands, takes this lock first.
 pub(crate) async fn lock_device<C: GenericClient>(c: &C, device_id: &str) -> R<Option<Device>> {
@@ -266,29 +332,26 @@ impl DeviceStore for PgStore {
             (new, enrolled)
         })?;
         // Counted after the device is stored, in a transaction of its own
-        // that does not wait for the WAL: every enrollment of a site updates
-        // this one row, and holding it until a durable commit would let one
-        // enrollment per flush through. A crash can lose a count, never a
-        // device.
-        unit!(self, soon, |tx| {
-            let passcode = query_opt(
-                &tx,
-                "SELECT record FROM passcodes WHERE site_id = $1 FOR UPDATE",
-                &[&stored.site_id],
-            )
-            .await?;
-            if let Some(row) = passcode {
-                let mut passcode: CompanyPasscodeRecord = record(&row)?;
-                passcode.enrollments += 1;
-                passcode.last_used_at = Some(now_millis());
-                db::execute(
-                    &tx,
-                    "UPDATE passcodes SET record = $2 WHERE site_id = $1",
-                    &[&stored.site_id, &encode(&passcode)?],
-                )
-                .await?;
-            }
-        })?;
+        // that does not wait for the WAL and that concurrent enrollments
+        // share: every enrollment of a site updates this one row, and
+        // holding it until a durable commit would let one enrollment per
+        // flush through. A crash can lose a count, never a device.
+        let (reply, answer) = oneshot::channel();
+        let bump = PasscodeUse {
+            site_id: stored.site_id.clone(),
+            at: now_millis(),
+            reply,
+        };
+        match self.passcode_uses.submit(bump).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the store stopped before the enrollment was counted".into(),
+                ))
+            })?,
+            Err(bump) => count_uses(&self.db, std::slice::from_ref(&bump))
+                .await
+                .map_err(Fail::into_store)?,
+        }
         *device = stored;
         Ok(enrolled)
     }

@@ -66,6 +66,7 @@ pub struct PgStore {
     queue_batches: batch::Combiner<commands::QueueJob>,
     report_batches: batch::Combiner<commands::ReportJob>,
     device_reads: batch::Combiner<devices::DeviceRead>,
+    passcode_uses: batch::Combiner<devices::PasscodeUse>,
 }
 
 /// The pool, as the tasks that run batches hold it.
@@ -130,6 +131,7 @@ impl PgStore {
             queue_batches: commands::queue_combiner(db.clone()),
             report_batches: commands::report_combiner(db.clone()),
             device_reads: devices::read_combiner(db.clone()),
+            passcode_uses: devices::passcode_use_combiner(db.clone()),
             db,
             target,
         })

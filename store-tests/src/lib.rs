@@ -105,6 +105,7 @@ macro_rules! store_conformance_suite {
             concurrent_commands_on_many_devices_keep_each_queue_its_own,
             concurrent_sweeps_expire_each_command_once,
             concurrent_enrollments_with_one_serial_see_each_other,
+            concurrent_enrollments_each_count_on_the_passcode,
             concurrent_user_inserts_keep_the_limit_and_each_email_once;
             // through the guard
             reopen: everything_stored_is_there_after_a_reopen

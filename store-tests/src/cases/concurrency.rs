@@ -183,6 +183,27 @@ pub async fn concurrent_enrollments_with_one_serial_see_each_other(store: Arc<dy
     );
 }
 
+/// Enrollments of many devices at once each count once on the passcode.
+pub async fn concurrent_enrollments_each_count_on_the_passcode(store: Arc<dyn Store>) {
+    store.insert_site(&site("st_1")).await.unwrap();
+    store
+        .replace_passcode(&passcode("st_1", b"one"))
+        .await
+        .unwrap();
+    let calls = (0..40).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut d = device("st_1", &format!("dv_{i}"), &format!("SERIAL-{i}"));
+            store.enroll_device(&mut d, None).await.unwrap()
+        })
+    });
+    let outcomes = join(calls).await;
+    assert!(outcomes.iter().all(|e| *e == Enrolled::New), "{outcomes:?}");
+    let record = store.get_passcode("st_1").await.unwrap().unwrap();
+    assert_eq!(record.enrollments, 40);
+    assert!(record.last_used_at.is_some());
+}
+
 /// Users inserted at once against one limit: exactly as many as fit go
 /// in; one email inserted at once is stored once.
 pub async fn concurrent_user_inserts_keep_the_limit_and_each_email_once(store: Arc<dyn Store>) {
