@@ -59,6 +59,10 @@ fn root() -> PathBuf {
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root());
+    // A CI clone is built once: incremental state would only take disk.
+    if std::env::var("CI").as_deref() == Ok("true") {
+        command.env("CARGO_INCREMENTAL", "0");
+    }
     command
 }
 
@@ -225,7 +229,27 @@ fn test(extra: &[String]) -> Result<()> {
         on_postgres.passed,
         POSTGRES_END_TO_END.join(", "),
     );
+    // CI disks are small: a build that grows is seen here before it fails there.
+    eprintln!(
+        "xtask: the build directory holds {:.1} GB",
+        disk_usage(&target) as f64 / 1e9
+    );
     Ok(())
+}
+
+/// Bytes in the files under `dir`, not following symlinks.
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => disk_usage(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map_or(0, |meta| meta.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Builds the binaries and runs `scripts/walkthrough.sh` in a scratch dir
@@ -372,6 +396,8 @@ fn install_cargo_deny() -> Result<PathBuf> {
                 // Its own scratch dir, kept out of the workspace's build cache.
                 .env("CARGO_TARGET_DIR", tools.join("build")),
         )?;
+        // The release build of cargo-deny is about a GB nobody reads again.
+        let _ = std::fs::remove_dir_all(tools.join("build"));
     }
     Ok(cargo_deny)
 }
