@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::admins::{AdminRecord, AdminRegistry, Role};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::pki::CertificateAuthority;
-use crate::storage::Storage;
+use mdm_store_sled::Storage;
 
 /// Lifetime of admin certificates issued without an explicit one.
 pub const DEFAULT_ADMIN_CERT_LIFETIME: Duration = Duration::days(365);
@@ -42,7 +42,7 @@ pub enum DataDirError {
     #[error("data dir {path}: {message}")]
     Damaged { path: PathBuf, message: String },
     #[error(transparent)]
-    Storage(#[from] crate::storage::StorageError),
+    Storage(#[from] mdm_store_sled::StorageError),
     #[error(transparent)]
     Registry(#[from] crate::admins::RegistryError),
 }

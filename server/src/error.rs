@@ -47,8 +47,8 @@ impl From<StoreError> for Error {
     }
 }
 
-impl From<crate::storage::StorageError> for Error {
-    fn from(error: crate::storage::StorageError) -> Self {
+impl From<mdm_store_sled::StorageError> for Error {
+    fn from(error: mdm_store_sled::StorageError) -> Self {
         StoreError::from(error).into()
     }
 }

@@ -22,8 +22,6 @@ pub mod pki;
 pub mod reset;
 pub mod server;
 pub mod sites;
-pub mod sled_store;
-pub mod storage;
 pub mod throttle;
 pub mod tls;
 pub mod users;

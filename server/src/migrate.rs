@@ -21,7 +21,7 @@ use mdm_core::store::{Store, StoreError};
 use mdm_store_postgres::{ImportError, PgConfig, PgOpenError, PgStore};
 
 use crate::datadir::{DataDir, DataDirError};
-use crate::storage::{Storage, StorageError};
+use mdm_store_sled::{Storage, StorageError};
 
 /// Why a migration stopped. None of these holds the database password:
 /// the target is named by `host:port` only.

@@ -23,9 +23,9 @@ use crate::config::Config;
 use crate::crypto::ServerKeys;
 use crate::datadir::{self, DataDir, DataDirError, FirstStart};
 use crate::identity::{AdminAuthenticator, DeviceAuthenticator};
-use crate::storage::Storage;
 use crate::tls;
 use mdm_core::store::Store;
+use mdm_store_sled::Storage;
 
 /// Largest request message the server decodes; bigger ones are refused
 /// before they are buffered whole.
@@ -40,7 +40,7 @@ pub enum ServerError {
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error(transparent)]
-    Storage(#[from] crate::storage::StorageError),
+    Storage(#[from] mdm_store_sled::StorageError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot read the listener address: {0}")]

@@ -14,8 +14,8 @@ use mdm_server::company_passcode::Refusal;
 use mdm_server::datadir::DataDir;
 use mdm_server::model::{NotificationState, PasscodeState};
 use mdm_server::server::{open_app, prepare_data_dir};
-use mdm_server::storage::Storage;
 use mdm_server::throttle::ThrottleConfig;
+use mdm_store_sled::Storage;
 
 fn open(dir: &Path, throttle: ThrottleConfig) -> App {
     let mut config = Config::for_data_dir(dir);

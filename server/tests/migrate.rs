@@ -26,8 +26,8 @@ use mdm_core::store::{
     NewCommand, PageRequest, Queued, Reported, SiteFilter, Store, UsersInserted,
 };
 use mdm_server::migrate::{MigrateError, MigrationReport, migrate};
-use mdm_server::storage::Storage;
 use mdm_store_postgres::PgConfig;
+use mdm_store_sled::Storage;
 use mdm_store_tests::fixtures::{device, notification, passcode, site, user};
 
 const ADMIN: &str = "admin@example.com";

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 /// The last byte of the site's tag: action ids end with the tag.
 fn tag_last_byte(site_id: &str) -> u8 {
-    let id = mdm_server::storage::new_action_id(site_id);
+    let id = mdm_store_sled::new_action_id(site_id);
     u8::from_str_radix(&id[id.len() - 2..], 16).unwrap()
 }
 
@@ -579,7 +579,7 @@ async fn a_full_disk_fails_an_import_whole_and_the_data_dir_opens_again() {
     assert!(stderr.contains("space"), "{stderr}");
 
     std::fs::remove_file(filler).unwrap();
-    let reopened = mdm_server::storage::Storage::open(&data_dir.join("db"));
+    let reopened = mdm_store_sled::Storage::open(&data_dir.join("db"));
     assert!(reopened.is_ok(), "the database opens again: {reopened:?}");
     drop(reopened);
     let process = mdm_tests::ServerProcess::start(&data_dir, port).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use mdm_core::store::Store;
-use mdm_server::storage::Storage;
+use mdm_store_sled::Storage;
 use mdm_store_tests::StoreGuard;
 
 /// The database's directory; a reopen opens it again (a restarted server).
