@@ -14,11 +14,12 @@ use tokio::sync::oneshot;
 
 use crate::batch::{Combiner, copy_of};
 use crate::db::{
-    self, Fail, R, Select, encode, fetch_limit, has_nul, keyed, page, query, query_one, query_opt,
-    record, records, tag, unit,
+    self, Fail, R, Select, fetch_limit, has_nul, keyed, page, query, query_one, query_opt, record,
+    records, tag, unit,
 };
 use crate::devices::{lock_device, write_devices};
 use crate::outbox::insert_notifications;
+use crate::rows::{ActionColumns, ActionRow};
 use crate::{PgStore, Pooled};
 
 async fn insert_action<C: GenericClient>(c: &C, action: &Action, upsert: bool) -> R<()> {
@@ -36,23 +37,7 @@ async fn insert_action<C: GenericClient>(c: &C, action: &Action, upsert: bool) -
                               created_at, queued, expires_at, record)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     };
-    db::execute(
-        c,
-        sql,
-        &[
-            &action.action_id,
-            &action.site_id,
-            &action.device_id,
-            &tag(&action.action_type),
-            &tag(&action.status),
-            &action.created_by,
-            &action.created_at,
-            &action.is_queued(),
-            &action.expires_at,
-            &encode(action)?,
-        ],
-    )
-    .await?;
+    db::execute(c, sql, &ActionRow::of(action)?.params()).await?;
     Ok(())
 }
 
@@ -61,26 +46,13 @@ async fn insert_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
     if actions.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = actions.iter().map(|a| a.action_id.as_str()).collect();
-    let sites: Vec<&str> = actions.iter().map(|a| a.site_id.as_str()).collect();
-    let devices: Vec<&str> = actions.iter().map(|a| a.device_id.as_str()).collect();
-    let kinds: Vec<String> = actions.iter().map(|a| tag(&a.action_type)).collect();
-    let statuses: Vec<String> = actions.iter().map(|a| tag(&a.status)).collect();
-    let creators: Vec<&str> = actions.iter().map(|a| a.created_by.as_str()).collect();
-    let created: Vec<Millis> = actions.iter().map(|a| a.created_at).collect();
-    let queued: Vec<bool> = actions.iter().map(Action::is_queued).collect();
-    let expires: Vec<Millis> = actions.iter().map(|a| a.expires_at).collect();
-    let rows = actions.iter().map(encode).collect::<R<Vec<_>>>()?;
     db::execute(
         c,
         "INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
                               created_at, queued, expires_at, record)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::bigint[], $8::bool[], $9::bigint[], $10::bytea[])",
-        &[
-            &ids, &sites, &devices, &kinds, &statuses, &creators, &created, &queued, &expires,
-            &rows,
-        ],
+        &ActionColumns::of(actions)?.params(),
     )
     .await?;
     Ok(())
@@ -92,11 +64,6 @@ async fn write_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
     if actions.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = actions.iter().map(|a| a.action_id.as_str()).collect();
-    let statuses: Vec<String> = actions.iter().map(|a| tag(&a.status)).collect();
-    let queued: Vec<bool> = actions.iter().map(Action::is_queued).collect();
-    let expires: Vec<Millis> = actions.iter().map(|a| a.expires_at).collect();
-    let rows = actions.iter().map(encode).collect::<R<Vec<_>>>()?;
     db::execute(
         c,
         "UPDATE actions AS a
@@ -104,7 +71,7 @@ async fn write_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
          FROM unnest($1::text[], $2::text[], $3::bool[], $4::bigint[], $5::bytea[])
              AS u(action_id, status, queued, expires_at, record)
          WHERE a.action_id = u.action_id",
-        &[&ids, &statuses, &queued, &expires, &rows],
+        &ActionColumns::of(actions)?.changed_params(),
     )
     .await?;
     Ok(())
@@ -554,22 +521,11 @@ impl CommandStore for PgStore {
     }
 
     async fn get_action(&self, action_id: &str) -> StoreResult<Option<Action>> {
-        if has_nul(action_id) {
-            return Ok(None);
-        }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM actions WHERE action_id = $1",
-                &[&action_id],
-            )
-            .await?
-            .map(|row| record(&row))
-            .transpose()
-        }
+        self.one_record(
+            "SELECT record FROM actions WHERE action_id = $1",
+            &[action_id],
+        )
         .await
-        .map_err(Fail::into_store)
     }
 
     async fn list_actions(

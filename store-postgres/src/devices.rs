@@ -18,6 +18,7 @@ use crate::db::{
     self, Fail, R, Select, encode, fetch_limit, has_nul, keyed, page, query, query_opt, record,
     records, tag, unit,
 };
+use crate::rows::{DeviceColumns, DeviceRow};
 use crate::{PgStore, Pooled};
 
 /// First key of the transaction-scoped advisory locks that serialise the
@@ -26,21 +27,13 @@ use crate::{PgStore, Pooled};
 const ENROLL_LOCK: i32 = 0x6d64_6501;
 
 pub(crate) async fn insert_device<C: GenericClient>(c: &C, device: &Device) -> R<()> {
+    let row = DeviceRow::of(&device.device_id, device)?;
     db::execute(
         c,
         "INSERT INTO devices
          (device_id, site_id, serial_number, status, platform, user_email, enrolled_at, record)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            &device.device_id,
-            &device.site_id,
-            &device.facts.serial_number.as_bytes(),
-            &tag(&device.status),
-            &tag(&device.facts.platform),
-            &device.user_email,
-            &device.enrolled_at,
-            &encode(device)?,
-        ],
+        &row.params(),
     )
     .await?;
     Ok(())
@@ -52,21 +45,13 @@ pub(crate) async fn write_device<C: GenericClient>(
     device_id: &str,
     device: &Device,
 ) -> R<()> {
+    let row = DeviceRow::of(device_id, device)?;
     db::execute(
         c,
         "UPDATE devices SET site_id = $2, serial_number = $3, status = $4, platform = $5,
          user_email = $6, enrolled_at = $7, record = $8
          WHERE device_id = $1",
-        &[
-            &device_id,
-            &device.site_id,
-            &device.facts.serial_number.as_bytes(),
-            &tag(&device.status),
-            &tag(&device.facts.platform),
-            &device.user_email,
-            &device.enrolled_at,
-            &encode(device)?,
-        ],
+        &row.params(),
     )
     .await?;
     Ok(())
@@ -78,23 +63,7 @@ pub(crate) async fn write_devices<C: GenericClient>(c: &C, devices: &[(&str, &De
         [] => Ok(()),
         [(device_id, device)] => write_device(c, device_id, device).await,
         _ => {
-            let ids: Vec<&str> = devices.iter().map(|(id, _)| *id).collect();
-            let sites: Vec<&str> = devices.iter().map(|(_, d)| d.site_id.as_str()).collect();
-            let serials: Vec<&[u8]> = devices
-                .iter()
-                .map(|(_, d)| d.facts.serial_number.as_bytes())
-                .collect();
-            let statuses: Vec<String> = devices.iter().map(|(_, d)| tag(&d.status)).collect();
-            let platforms: Vec<String> = devices
-                .iter()
-                .map(|(_, d)| tag(&d.facts.platform))
-                .collect();
-            let emails: Vec<&str> = devices.iter().map(|(_, d)| d.user_email.as_str()).collect();
-            let enrolled: Vec<Millis> = devices.iter().map(|(_, d)| d.enrolled_at).collect();
-            let rows = devices
-                .iter()
-                .map(|(_, d)| encode(d))
-                .collect::<R<Vec<_>>>()?;
+            let columns = DeviceColumns::of(devices)?;
             db::execute(
                 c,
                 "UPDATE devices AS d SET site_id = u.site_id, serial_number = u.serial_number,
@@ -105,9 +74,7 @@ pub(crate) async fn write_devices<C: GenericClient>(c: &C, devices: &[(&str, &De
                      AS u(device_id, site_id, serial_number, status, platform, user_email,
                           enrolled_at, record)
                  WHERE d.device_id = u.device_id",
-                &[
-                    &ids, &sites, &serials, &statuses, &platforms, &emails, &enrolled, &rows,
-                ],
+                &columns.params(),
             )
             .await?;
             Ok(())

@@ -19,6 +19,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::PgStore;
 use crate::db::{Fail, R, encode, tag};
+use crate::rows::{ActionRow, DeviceRow};
 use crate::schema::TABLES;
 use crate::sites::passcode_hash;
 
@@ -101,36 +102,12 @@ async fn count_rows<C: deadpool_postgres::GenericClient>(c: &C) -> R<SnapshotCou
 }
 
 async fn copy_devices(tx: &tokio_postgres::Transaction<'_>, devices: &[Device]) -> R<()> {
-    let mut copy = copy_in(
-        tx,
-        "COPY devices (device_id, site_id, serial_number, status, platform, user_email,
-                       enrolled_at, record) FROM STDIN BINARY",
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::BYTEA,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT8,
-            Type::BYTEA,
-        ],
-    )
-    .await?;
-    // As `devices::insert_device` fills them.
+    let sql = format!("COPY devices ({}) FROM STDIN BINARY", DeviceRow::COLUMNS);
+    let mut copy = copy_in(tx, &sql, &DeviceRow::TYPES).await?;
     for device in devices {
         row(
             &mut copy,
-            &[
-                &device.device_id,
-                &device.site_id,
-                &device.facts.serial_number.as_bytes(),
-                &tag(&device.status),
-                &tag(&device.facts.platform),
-                &device.user_email,
-                &device.enrolled_at,
-                &encode(device)?,
-            ],
+            &DeviceRow::of(&device.device_id, device)?.params(),
         )
         .await?;
     }
@@ -138,42 +115,10 @@ async fn copy_devices(tx: &tokio_postgres::Transaction<'_>, devices: &[Device]) 
 }
 
 async fn copy_actions(tx: &tokio_postgres::Transaction<'_>, actions: &[Action]) -> R<()> {
-    let mut copy = copy_in(
-        tx,
-        "COPY actions (action_id, site_id, device_id, action_type, status, created_by,
-                       created_at, queued, expires_at, record) FROM STDIN BINARY",
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT8,
-            Type::BOOL,
-            Type::INT8,
-            Type::BYTEA,
-        ],
-    )
-    .await?;
-    // As `commands::insert_action` fills them.
+    let sql = format!("COPY actions ({}) FROM STDIN BINARY", ActionRow::COLUMNS);
+    let mut copy = copy_in(tx, &sql, &ActionRow::TYPES).await?;
     for action in actions {
-        row(
-            &mut copy,
-            &[
-                &action.action_id,
-                &action.site_id,
-                &action.device_id,
-                &tag(&action.action_type),
-                &tag(&action.status),
-                &action.created_by,
-                &action.created_at,
-                &action.is_queued(),
-                &action.expires_at,
-                &encode(action)?,
-            ],
-        )
-        .await?;
+        row(&mut copy, &ActionRow::of(action)?.params()).await?;
     }
     finish(copy).await
 }

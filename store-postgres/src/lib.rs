@@ -18,6 +18,7 @@ mod db;
 mod devices;
 mod import;
 mod outbox;
+mod rows;
 mod schema;
 mod sites;
 
@@ -144,6 +145,28 @@ impl PgStore {
 
     pub(crate) async fn client(&self) -> R<deadpool_postgres::Object> {
         self.db.client().await
+    }
+
+    /// The record of the one row `sql` selects by text `keys` (`$1`, `$2`,
+    /// …); none when there is no such row, or no row could have these keys.
+    pub(crate) async fn one_record<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        keys: &[&str],
+    ) -> StoreResult<Option<T>> {
+        if keys.iter().any(|key| db::has_nul(key)) {
+            return Ok(None);
+        }
+        let params: Vec<db::Param<'_>> = keys.iter().map(|key| key as db::Param<'_>).collect();
+        async {
+            let client = self.client().await?;
+            db::query_opt(&client, sql, &params)
+                .await?
+                .map(|row| db::record(&row))
+                .transpose()
+        }
+        .await
+        .map_err(db::Fail::into_store)
     }
 }
 

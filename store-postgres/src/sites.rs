@@ -58,22 +58,8 @@ impl SiteStore for PgStore {
     }
 
     async fn get_site(&self, site_id: &str) -> StoreResult<Option<Site>> {
-        if has_nul(site_id) {
-            return Ok(None);
-        }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM sites WHERE site_id = $1",
-                &[&site_id],
-            )
-            .await?
-            .map(|row| record(&row))
-            .transpose()
-        }
-        .await
-        .map_err(Fail::into_store)
+        self.one_record("SELECT record FROM sites WHERE site_id = $1", &[site_id])
+            .await
     }
 
     async fn update_site(
@@ -219,41 +205,16 @@ impl SiteStore for PgStore {
     }
 
     async fn get_user(&self, site_id: &str, email: &str) -> StoreResult<Option<User>> {
-        if has_nul(site_id) || has_nul(email) {
-            return Ok(None);
-        }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM users WHERE site_id = $1 AND email = $2",
-                &[&site_id, &email],
-            )
-            .await?
-            .map(|row| record(&row))
-            .transpose()
-        }
+        self.one_record(
+            "SELECT record FROM users WHERE site_id = $1 AND email = $2",
+            &[site_id, email],
+        )
         .await
-        .map_err(Fail::into_store)
     }
 
     async fn get_user_by_id(&self, user_id: &str) -> StoreResult<Option<User>> {
-        if has_nul(user_id) {
-            return Ok(None);
-        }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM users WHERE user_id = $1",
-                &[&user_id],
-            )
-            .await?
-            .map(|row| record(&row))
-            .transpose()
-        }
-        .await
-        .map_err(Fail::into_store)
+        self.one_record("SELECT record FROM users WHERE user_id = $1", &[user_id])
+            .await
     }
 
     async fn list_users(
@@ -316,22 +277,11 @@ impl SiteStore for PgStore {
     }
 
     async fn get_passcode(&self, site_id: &str) -> StoreResult<Option<CompanyPasscodeRecord>> {
-        if has_nul(site_id) {
-            return Ok(None);
-        }
-        async {
-            let client = self.client().await?;
-            query_opt(
-                &client,
-                "SELECT record FROM passcodes WHERE site_id = $1",
-                &[&site_id],
-            )
-            .await?
-            .map(|row| record(&row))
-            .transpose()
-        }
+        self.one_record(
+            "SELECT record FROM passcodes WHERE site_id = $1",
+            &[site_id],
+        )
         .await
-        .map_err(Fail::into_store)
     }
 
     async fn replace_passcode(&self, passcode: &CompanyPasscodeRecord) -> StoreResult<()> {
