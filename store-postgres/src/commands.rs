@@ -85,7 +85,11 @@ async fn actions_by_id<C: GenericClient>(c: &C, ids: &[&str]) -> R<HashMap<Strin
         &[&ids],
     )
     .await?;
-    Ok(records::<Action>(&rows)?
+    actions_keyed_by_id(&rows)
+}
+
+fn actions_keyed_by_id(rows: &[tokio_postgres::Row]) -> R<HashMap<String, Action>> {
+    Ok(records::<Action>(rows)?
         .into_iter()
         .map(|a| (a.action_id.clone(), a))
         .collect())
@@ -195,25 +199,37 @@ async fn queue_batch<C: GenericClient>(
         .collect();
     device_ids.sort_unstable();
     device_ids.dedup();
-    let mut devices: HashMap<String, Device> = HashMap::new();
-    for row in query(
-        c,
+    // Device records are read only when a reset changes one; otherwise the
+    // rows are only locked. Both reads go out in one pipeline (executed in
+    // order, so the second reads after the locks are held).
+    let with_records = commands.iter().any(|c| c.latest_reset.is_some());
+    let lock_devices = if with_records {
         "SELECT device_id, record FROM devices WHERE device_id = ANY($1)
-         ORDER BY device_id FOR UPDATE",
-        &[&device_ids],
-    )
-    .await?
-    {
-        devices.insert(row.try_get(0)?, db::record_at(&row, 1)?);
-    }
-    let mut queued: HashMap<String, Vec<Action>> = HashMap::new();
-    let rows = query(
+         ORDER BY device_id FOR UPDATE"
+    } else {
+        "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE"
+    };
+    let params: [db::Param<'_>; 1] = [&device_ids];
+    let (device_rows, queued_rows) = db::query_in_order(
         c,
-        "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
-        &[&device_ids],
+        (lock_devices, &params),
+        (
+            "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
+            &params,
+        ),
     )
     .await?;
-    for action in records::<Action>(&rows)? {
+    let mut present: HashSet<String> = HashSet::with_capacity(device_rows.len());
+    let mut devices: HashMap<String, Device> = HashMap::new();
+    for row in device_rows {
+        let device_id: String = row.try_get(0)?;
+        if with_records {
+            devices.insert(device_id.clone(), db::record_at(&row, 1)?);
+        }
+        present.insert(device_id);
+    }
+    let mut queued: HashMap<String, Vec<Action>> = HashMap::new();
+    for action in records::<Action>(&queued_rows)? {
         if action.is_queued() {
             queued
                 .entry(action.device_id.clone())
@@ -230,12 +246,12 @@ async fn queue_batch<C: GenericClient>(
     for command in commands {
         let mut action = command.action.clone();
         let device_id = action.device_id.clone();
-        let Some(device) = devices.get_mut(&device_id) else {
+        if !present.contains(&device_id) {
             outcomes.push(Err(StoreError::Backend(
                 format!("a command for device {device_id}, which is not stored").into(),
             )));
             continue;
-        };
+        }
         let waiting = queued.entry(device_id.clone()).or_default();
         let (superseded, direct) =
             rules::plan_queue(&mut action, waiting.clone(), command.online, now);
@@ -252,7 +268,9 @@ async fn queue_batch<C: GenericClient>(
         waiting.push(action.clone());
         inserted.push(action.clone());
         notifications.extend(command.notifications.iter().cloned());
-        if let Some(reset) = &command.latest_reset {
+        if let Some(reset) = &command.latest_reset
+            && let Some(device) = devices.get_mut(&device_id)
+        {
             device.security.latest_reset = Some(reset.clone());
             if !changed_devices.contains(&device_id) {
                 changed_devices.push(device_id.clone());
@@ -264,15 +282,18 @@ async fn queue_batch<C: GenericClient>(
             direct,
         }));
     }
-    insert_actions(c, &inserted).await?;
     let updated: Vec<Action> = updated.into_values().collect();
-    write_actions(c, &updated).await?;
-    insert_notifications(c, &notifications, false).await?;
     let changed: Vec<(&str, &Device)> = changed_devices
         .iter()
         .filter_map(|id| devices.get(id).map(|d| (id.as_str(), d)))
         .collect();
-    write_devices(c, &changed).await?;
+    // Independent writes: one pipeline, one round trip.
+    tokio::try_join!(
+        insert_actions(c, &inserted),
+        write_actions(c, &updated),
+        insert_notifications(c, &notifications, false),
+        write_devices(c, &changed),
+    )?;
     Ok(outcomes)
 }
 
@@ -283,14 +304,21 @@ async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Repo
         let mut device_ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();
         device_ids.sort_unstable();
         device_ids.dedup();
-        query(
+        let action_ids: Vec<&str> = jobs.iter().map(|j| j.action_id.as_str()).collect();
+        // One pipeline, executed in order: the actions are read once their
+        // devices are locked.
+        let params: [db::Param<'_>; 1] = [&device_ids];
+        let action_params: [db::Param<'_>; 1] = [&action_ids];
+        let (_, rows) = db::query_in_order(
             &tx,
-            "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
-            &[&device_ids],
+            (
+                "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+                &params,
+            ),
+            ("SELECT record FROM actions WHERE action_id = ANY($1)", &action_params),
         )
         .await?;
-        let action_ids: Vec<&str> = jobs.iter().map(|j| j.action_id.as_str()).collect();
-        let mut found = actions_by_id(&tx, &action_ids).await?;
+        let mut found = actions_keyed_by_id(&rows)?;
         let mut changed = HashSet::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for job in jobs {

@@ -134,6 +134,22 @@ pub(crate) async fn query<C: GenericClient>(c: &C, sql: &str, params: &[Param<'_
     Ok(c.query(&statement, params).await?)
 }
 
+/// Two queries in one pipeline, executed in the order given: the second
+/// starts (and takes its snapshot) only once the first has finished, so it
+/// sees what the first locked. Both are prepared first, so that neither is
+/// sent before the other is ready.
+pub(crate) async fn query_in_order<C: GenericClient>(
+    c: &C,
+    first: (&str, &[Param<'_>]),
+    second: (&str, &[Param<'_>]),
+) -> R<(Vec<Row>, Vec<Row>)> {
+    let (one, two) = tokio::try_join!(c.prepare_cached(first.0), c.prepare_cached(second.0))?;
+    Ok(tokio::try_join!(
+        c.query(&one, first.1),
+        c.query(&two, second.1)
+    )?)
+}
+
 pub(crate) async fn query_opt<C: GenericClient>(
     c: &C,
     sql: &str,
