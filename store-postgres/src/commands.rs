@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 
 use crate::batch::{Combiner, copy_of};
 use crate::db::{
-    self, Fail, R, Select, fetch_limit, has_nul, keyed, page, query, query_one, query_opt, record,
-    records, tag, unit,
+    self, Fail, Pipelined, R, Select, fetch_limit, has_nul, keyed, page, query, query_one,
+    query_opt, record, records, tag, unit,
 };
 use crate::devices::{lock_device, write_devices};
 use crate::outbox::insert_notifications;
@@ -160,7 +160,7 @@ pub(crate) fn report_combiner(db: Pooled) -> Combiner<ReportJob> {
 async fn run_queue_jobs(db: &Pooled, jobs: Vec<QueueJob>) {
     if jobs.len() > 1 {
         let commands: Vec<&NewCommand> = jobs.iter().map(|job| &job.command).collect();
-        let batched = unit!(db, retry, |tx| { queue_batch(&tx, &commands).await? });
+        let batched = queue_unit(db, &commands).await;
         if let Ok(outcomes) = batched {
             for (job, outcome) in jobs.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
@@ -179,9 +179,34 @@ async fn run_queue_jobs(db: &Pooled, jobs: Vec<QueueJob>) {
 }
 
 async fn queue_one(db: &Pooled, command: NewCommand) -> StoreResult<Queued> {
-    let commands = [&command];
-    unit!(db, retry, |tx| { queue_batch(&tx, &commands).await? })
+    queue_unit(db, &[&command])
+        .await
         .and_then(|mut outcomes| outcomes.pop().expect("one command, one outcome"))
+}
+
+/// [`queue_batch`] as one pipelined transaction, run once more when
+/// PostgreSQL aborted it for a conflict (it only reads before it writes).
+async fn queue_unit(
+    db: &Pooled,
+    commands: &[&NewCommand],
+) -> StoreResult<Vec<StoreResult<Queued>>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let tx = Pipelined::connect(db).await?;
+            let outcomes = queue_batch(tx.client(), commands, Some(Pipelined::BEGIN)).await?;
+            tx.commit().await?;
+            Ok::<_, Fail>(outcomes)
+        }
+        .await;
+        match attempt {
+            Err(fail) if tries < 2 && fail.retryable() => {
+                tracing::debug!("transaction aborted by a conflict; running it again");
+            }
+            other => return other.map_err(Fail::into_store),
+        }
+    }
 }
 
 /// Queues `commands` in order, as if one after the other: the devices'
@@ -192,6 +217,7 @@ async fn queue_one(db: &Pooled, command: NewCommand) -> StoreResult<Queued> {
 async fn queue_batch<C: GenericClient>(
     c: &C,
     commands: &[&NewCommand],
+    begin: Option<&str>,
 ) -> R<Vec<StoreResult<Queued>>> {
     let mut device_ids: Vec<&str> = commands
         .iter()
@@ -212,6 +238,7 @@ async fn queue_batch<C: GenericClient>(
     let params: [db::Param<'_>; 1] = [&device_ids];
     let (device_rows, queued_rows) = db::query_in_order(
         c,
+        begin,
         (lock_devices, &params),
         (
             "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
@@ -300,7 +327,8 @@ async fn queue_batch<C: GenericClient>(
 /// Agents' reports in one transaction, durable soon: each applied to its
 /// action in order, as if one after the other.
 async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Reported>>> {
-    unit!(@once db, true, |tx| {
+    let tx = Pipelined::connect(db).await?;
+    let outcomes = {
         let mut device_ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();
         device_ids.sort_unstable();
         device_ids.dedup();
@@ -310,7 +338,8 @@ async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Repo
         let params: [db::Param<'_>; 1] = [&device_ids];
         let action_params: [db::Param<'_>; 1] = [&action_ids];
         let (_, rows) = db::query_in_order(
-            &tx,
+            tx.client(),
+            Some(Pipelined::BEGIN_SOON),
             (
                 "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
                 &params,
@@ -344,9 +373,11 @@ async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Repo
             .into_values()
             .filter(|a| changed.contains(&a.action_id))
             .collect();
-        write_actions(&tx, &changed).await?;
+        write_actions(tx.client(), &changed).await?;
         outcomes
-    })
+    };
+    tx.commit().await?;
+    Ok(outcomes)
 }
 
 #[async_trait]

@@ -137,17 +137,67 @@ pub(crate) async fn query<C: GenericClient>(c: &C, sql: &str, params: &[Param<'_
 /// Two queries in one pipeline, executed in the order given: the second
 /// starts (and takes its snapshot) only once the first has finished, so it
 /// sees what the first locked. Both are prepared first, so that neither is
-/// sent before the other is ready.
+/// sent before the other is ready. With `begin` (see [`Pipelined`]), that
+/// simple query goes out first, in the same pipeline.
 pub(crate) async fn query_in_order<C: GenericClient>(
     c: &C,
+    begin: Option<&str>,
     first: (&str, &[Param<'_>]),
     second: (&str, &[Param<'_>]),
 ) -> R<(Vec<Row>, Vec<Row>)> {
     let (one, two) = tokio::try_join!(c.prepare_cached(first.0), c.prepare_cached(second.0))?;
-    Ok(tokio::try_join!(
-        c.query(&one, first.1),
-        c.query(&two, second.1)
-    )?)
+    let begin = async {
+        match begin {
+            Some(sql) => c.batch_execute(sql).await,
+            None => Ok(()),
+        }
+    };
+    let ((), rows_one, rows_two) =
+        tokio::try_join!(begin, c.query(&one, first.1), c.query(&two, second.1))?;
+    Ok((rows_one, rows_two))
+}
+
+/// A transaction whose BEGIN goes out in one pipeline with its first
+/// statements ([`query_in_order`] with [`Pipelined::BEGIN`]): one round
+/// trip fewer per unit on the busiest paths (the group commit's batches).
+/// Ended any other way than by [`Pipelined::commit`] (an error, a dropped
+/// future), its connection is closed instead of pooled: PostgreSQL rolls
+/// the transaction back, and no later unit starts inside it.
+pub(crate) struct Pipelined {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl Pipelined {
+    pub(crate) const BEGIN: &'static str = "BEGIN";
+    /// Durable soon: the commit does not wait for the WAL flush.
+    pub(crate) const BEGIN_SOON: &'static str = "BEGIN; SET LOCAL synchronous_commit = off";
+
+    pub(crate) async fn connect(db: &crate::Pooled) -> R<Self> {
+        Ok(Self {
+            client: Some(db.client().await?),
+        })
+    }
+
+    pub(crate) fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("a pipelined transaction holds its connection until it ends")
+    }
+
+    pub(crate) async fn commit(mut self) -> R<()> {
+        self.client().batch_execute("COMMIT").await?;
+        // Committed: the connection may serve the next unit.
+        drop(self.client.take());
+        Ok(())
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 pub(crate) async fn query_opt<C: GenericClient>(
