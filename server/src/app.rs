@@ -29,7 +29,7 @@ pub struct App {
     pub(crate) passcode_key: Zeroizing<[u8; 32]>,
     pub(crate) throttle: Throttle,
     /// Counts wrong company passcodes off the response path.
-    pub(crate) failed_attempts: crate::company_passcode::FailedAttempts,
+    pub(crate) failed_attempts: crate::failed_attempts::FailedAttempts,
     pub(crate) alerts: broadcast::Sender<Alert>,
     pub(crate) ca: Arc<CertificateAuthority>,
     pub(crate) device_cert_lifetime: std::time::Duration,
@@ -59,7 +59,7 @@ impl App {
         let (alerts, _) = broadcast::channel(ALERT_CHANNEL_CAPACITY);
         let outbox_wake = Arc::default();
         Self {
-            failed_attempts: crate::company_passcode::FailedAttempts::new(
+            failed_attempts: crate::failed_attempts::FailedAttempts::new(
                 store.clone(),
                 registry.clone(),
                 alerts.clone(),
