@@ -108,6 +108,22 @@ impl App {
         self.store
             .get_site(site_id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))
+            .ok_or_else(|| no_such_site(site_id))
     }
+
+    /// Changes the stored site under the store's unit; the site as changed.
+    pub(crate) async fn change_site(
+        &self,
+        site_id: &str,
+        change: mdm_core::store::Change<'_, Site>,
+    ) -> Result<Site> {
+        self.store
+            .update_site(site_id, change)
+            .await?
+            .ok_or_else(|| no_such_site(site_id))
+    }
+}
+
+fn no_such_site(site_id: &str) -> Error {
+    Error::NotFound(format!("site {site_id:?} does not exist"))
 }

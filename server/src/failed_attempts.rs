@@ -141,7 +141,7 @@ enum Queue {
     Closed,
 }
 
-/// The failed-attempt bookkeeping: one thread of the blocking pool, started
+/// The failed-attempt bookkeeping: one task, started
 /// with the first refusal, counts failures in order and flushes once per
 /// batch. Admin reads of what it writes, and every enrollment that is about
 /// to succeed, first wait for it to settle.

@@ -94,16 +94,14 @@ impl App {
     ) -> Result<PasscodePolicy> {
         validate_policy(&policy)?;
         let new_policy = policy;
-        self.store
-            .update_site(
-                site_id,
-                Box::new(move |site| {
-                    site.passcode_policy = new_policy;
-                    true
-                }),
-            )
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
+        self.change_site(
+            site_id,
+            Box::new(move |site| {
+                site.passcode_policy = new_policy;
+                true
+            }),
+        )
+        .await?;
         // Devices online now learn it at once; the others on their next hello.
         let active = DeviceFilter {
             status: Some(DeviceStatus::Active),

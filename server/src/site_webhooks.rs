@@ -39,18 +39,14 @@ impl App {
             };
             (Some(webhook), Some(secret))
         };
-        self.store
-            .update_site(
-                site_id,
-                Box::new(move |site| {
-                    site.webhook = webhook;
-                    true
-                }),
-            )
-            .await?
-            .ok_or_else(|| {
-                crate::error::Error::NotFound(format!("site {site_id:?} does not exist"))
-            })?;
+        self.change_site(
+            site_id,
+            Box::new(move |site| {
+                site.webhook = webhook;
+                true
+            }),
+        )
+        .await?;
         self.webhook_presence.forget(site_id);
         Ok(secret)
     }

@@ -102,25 +102,21 @@ impl App {
                 "reset_passcode_visible_days must be at most 3650".into(),
             ));
         }
-        let site = self
-            .store
-            .update_site(
-                site_id,
-                Box::new(move |site| {
-                    if let Some(name) = display_name {
-                        site.display_name = name;
-                    }
-                    if let Some(limit) = limit {
-                        site.failed_attempt_limit = limit;
-                    }
-                    if let Some(days) = changes.reset_passcode_visible_days {
-                        site.reset_passcode_visible_days = days;
-                    }
-                    true
-                }),
-            )
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("site {site_id:?} does not exist")))?;
-        Ok(site)
+        self.change_site(
+            site_id,
+            Box::new(move |site| {
+                if let Some(name) = display_name {
+                    site.display_name = name;
+                }
+                if let Some(limit) = limit {
+                    site.failed_attempt_limit = limit;
+                }
+                if let Some(days) = changes.reset_passcode_visible_days {
+                    site.reset_passcode_visible_days = days;
+                }
+                true
+            }),
+        )
+        .await
     }
 }

@@ -190,23 +190,13 @@ async fn queue_unit(
     db: &Pooled,
     commands: &[&NewCommand],
 ) -> StoreResult<Vec<StoreResult<Queued>>> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let attempt = async {
-            let tx = Pipelined::connect(db).await?;
-            let outcomes = queue_batch(tx.client(), commands, Some(Pipelined::BEGIN)).await?;
-            tx.commit().await?;
-            Ok::<_, Fail>(outcomes)
-        }
-        .await;
-        match attempt {
-            Err(fail) if tries < 2 && fail.retryable() => {
-                tracing::debug!("transaction aborted by a conflict; running it again");
-            }
-            other => return other.map_err(Fail::into_store),
-        }
-    }
+    db::retrying(|| async {
+        let tx = Pipelined::connect(db, Pipelined::BEGIN).await?;
+        let outcomes = queue_batch(&tx, commands).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    })
+    .await
 }
 
 /// Queues `commands` in order, as if one after the other: the devices'
@@ -214,11 +204,7 @@ async fn queue_unit(
 /// device's queued commands read once, the rules applied in Rust, then
 /// each table written in one statement. A command whose device is not
 /// stored fails alone, writing nothing.
-async fn queue_batch<C: GenericClient>(
-    c: &C,
-    commands: &[&NewCommand],
-    begin: Option<&str>,
-) -> R<Vec<StoreResult<Queued>>> {
+async fn queue_batch(tx: &Pipelined, commands: &[&NewCommand]) -> R<Vec<StoreResult<Queued>>> {
     let mut device_ids: Vec<&str> = commands
         .iter()
         .map(|c| c.action.device_id.as_str())
@@ -236,9 +222,8 @@ async fn queue_batch<C: GenericClient>(
         "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE"
     };
     let params: [db::Param<'_>; 1] = [&device_ids];
-    let (device_rows, queued_rows) = db::query_in_order(
-        c,
-        begin,
+    let (device_rows, queued_rows) = tx
+        .begin_with_reads(
         (lock_devices, &params),
         (
             "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
@@ -315,6 +300,7 @@ async fn queue_batch<C: GenericClient>(
         .filter_map(|id| devices.get(id).map(|d| (id.as_str(), d)))
         .collect();
     // Independent writes: one pipeline, one round trip.
+    let c = tx.client();
     tokio::try_join!(
         insert_actions(c, &inserted),
         write_actions(c, &updated),
@@ -327,7 +313,7 @@ async fn queue_batch<C: GenericClient>(
 /// Agents' reports in one transaction, durable soon: each applied to its
 /// action in order, as if one after the other.
 async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Reported>>> {
-    let tx = Pipelined::connect(db).await?;
+    let tx = Pipelined::connect(db, Pipelined::BEGIN_SOON).await?;
     let outcomes = {
         let mut device_ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();
         device_ids.sort_unstable();
@@ -337,9 +323,8 @@ async fn report_batch(db: &Pooled, jobs: &[ReportJob]) -> R<Vec<StoreResult<Repo
         // devices are locked.
         let params: [db::Param<'_>; 1] = [&device_ids];
         let action_params: [db::Param<'_>; 1] = [&action_ids];
-        let (_, rows) = db::query_in_order(
-            tx.client(),
-            Some(Pipelined::BEGIN_SOON),
+        let (_, rows) = tx
+            .begin_with_reads(
             (
                 "SELECT device_id FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
                 &params,

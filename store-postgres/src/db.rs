@@ -1,7 +1,7 @@
 //! What every operation uses: errors, records as bytes, statements, tokens.
 
 use deadpool_postgres::GenericClient;
-use mdm_core::store::{Page, StoreError};
+use mdm_core::store::{Page, StoreError, StoreResult};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_postgres::Row;
@@ -134,37 +134,15 @@ pub(crate) async fn query<C: GenericClient>(c: &C, sql: &str, params: &[Param<'_
     Ok(c.query(&statement, params).await?)
 }
 
-/// Two queries in one pipeline, executed in the order given: the second
-/// starts (and takes its snapshot) only once the first has finished, so it
-/// sees what the first locked. Both are prepared first, so that neither is
-/// sent before the other is ready. With `begin` (see [`Pipelined`]), that
-/// simple query goes out first, in the same pipeline.
-pub(crate) async fn query_in_order<C: GenericClient>(
-    c: &C,
-    begin: Option<&str>,
-    first: (&str, &[Param<'_>]),
-    second: (&str, &[Param<'_>]),
-) -> R<(Vec<Row>, Vec<Row>)> {
-    let (one, two) = tokio::try_join!(c.prepare_cached(first.0), c.prepare_cached(second.0))?;
-    let begin = async {
-        match begin {
-            Some(sql) => c.batch_execute(sql).await,
-            None => Ok(()),
-        }
-    };
-    let ((), rows_one, rows_two) =
-        tokio::try_join!(begin, c.query(&one, first.1), c.query(&two, second.1))?;
-    Ok((rows_one, rows_two))
-}
-
-/// A transaction whose BEGIN goes out in one pipeline with its first
-/// statements ([`query_in_order`] with [`Pipelined::BEGIN`]): one round
-/// trip fewer per unit on the busiest paths (the group commit's batches).
-/// Ended any other way than by [`Pipelined::commit`] (an error, a dropped
-/// future), its connection is closed instead of pooled: PostgreSQL rolls
-/// the transaction back, and no later unit starts inside it.
+/// A transaction whose BEGIN goes out in one pipeline with its first two
+/// reads ([`Pipelined::begin_with_reads`]): one round trip fewer per unit on
+/// the busiest paths (the group commit's batches). Ended any other way than
+/// by [`Pipelined::commit`] (an error, a dropped future), its connection is
+/// closed instead of pooled: PostgreSQL rolls the transaction back, and no
+/// later unit starts inside it.
 pub(crate) struct Pipelined {
     client: Option<deadpool_postgres::Object>,
+    begin: &'static str,
 }
 
 impl Pipelined {
@@ -172,9 +150,12 @@ impl Pipelined {
     /// Durable soon: the commit does not wait for the WAL flush.
     pub(crate) const BEGIN_SOON: &'static str = "BEGIN; SET LOCAL synchronous_commit = off";
 
-    pub(crate) async fn connect(db: &crate::Pooled) -> R<Self> {
+    /// A connection for a transaction that `begin` (one of the constants
+    /// above) will open.
+    pub(crate) async fn connect(db: &crate::Pooled, begin: &'static str) -> R<Self> {
         Ok(Self {
             client: Some(db.client().await?),
+            begin,
         })
     }
 
@@ -182,6 +163,25 @@ impl Pipelined {
         self.client
             .as_ref()
             .expect("a pipelined transaction holds its connection until it ends")
+    }
+
+    /// Opens the transaction and runs two queries, all in one pipeline and
+    /// in that order: the second starts (and takes its snapshot) only once
+    /// the first has finished, so it sees what the first locked. Both are
+    /// prepared first, so that neither is sent before the other is ready.
+    pub(crate) async fn begin_with_reads(
+        &self,
+        first: (&str, &[Param<'_>]),
+        second: (&str, &[Param<'_>]),
+    ) -> R<(Vec<Row>, Vec<Row>)> {
+        let c = self.client();
+        let (one, two) = tokio::try_join!(c.prepare_cached(first.0), c.prepare_cached(second.0))?;
+        let ((), rows_one, rows_two) = tokio::try_join!(
+            c.batch_execute(self.begin),
+            c.query(&one, first.1),
+            c.query(&two, second.1)
+        )?;
+        Ok((rows_one, rows_two))
     }
 
     pub(crate) async fn commit(mut self) -> R<()> {
@@ -224,19 +224,9 @@ pub(crate) async fn execute<C: GenericClient>(c: &C, sql: &str, params: &[Param<
 /// transaction PostgreSQL aborted for a deadlock or a serialization
 /// conflict runs once more; the body must then be safe to run twice.
 macro_rules! unit {
-    ($store:expr, retry, |$tx:ident| $body:block) => {{
-        let mut tries = 0;
-        let result = loop {
-            tries += 1;
-            match $crate::db::unit!(@once $store, false, |$tx| $body) {
-                Err(fail) if tries < 2 && fail.retryable() => {
-                    tracing::debug!("transaction aborted by a conflict; running it again");
-                }
-                other => break other,
-            }
-        };
-        result.map_err($crate::db::Fail::into_store)
-    }};
+    ($store:expr, retry, |$tx:ident| $body:block) => {
+        $crate::db::retrying(|| async { $crate::db::unit!(@once $store, false, |$tx| $body) }).await
+    };
     ($store:expr, soon, |$tx:ident| $body:block) => {
         $crate::db::unit!(@once $store, true, |$tx| $body).map_err($crate::db::Fail::into_store)
     };
@@ -259,6 +249,20 @@ macro_rules! unit {
     };
 }
 pub(crate) use unit;
+
+/// Runs `attempt` once more when PostgreSQL aborted it for a deadlock or a
+/// serialization conflict; the attempt must then be safe to run twice.
+pub(crate) async fn retrying<T, F: Future<Output = R<T>>>(
+    mut attempt: impl FnMut() -> F,
+) -> StoreResult<T> {
+    match attempt().await {
+        Err(fail) if fail.retryable() => {
+            tracing::debug!("transaction aborted by a conflict; running it again");
+            attempt().await.map_err(Fail::into_store)
+        }
+        other => other.map_err(Fail::into_store),
+    }
+}
 
 /// Page tokens: hex of the list's name, its scope and the last key given.
 pub(crate) fn token(list: &str, scope: &[&str], key: &str) -> String {
