@@ -244,19 +244,6 @@ pub fn evaluate(
     }
 }
 
-/// The backend named on the command line.
-pub fn by_name(
-    name: &str,
-    state_dir: &std::path::Path,
-    managed_account: Option<String>,
-) -> Option<Box<dyn Backend>> {
-    match name {
-        "system" => Some(Box::new(crate::system::SystemBackend::new(managed_account))),
-        "simulated" => Some(Box::new(SimulatedBackend::new(state_dir))),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

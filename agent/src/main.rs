@@ -217,7 +217,7 @@ async fn enroll(args: EnrollArgs, state: StateDir) -> Result<ExitCode, String> {
         (None, Some(fingerprint)) => CaSource::Fingerprint(fingerprint),
         (None, None) => return Err("give --ca FILE or --ca-fingerprint sha256:HEX".into()),
     };
-    let backend = mdm_agent::backend::by_name(
+    let backend = mdm_agent::backend_by_name(
         &args.device.backend,
         state.root(),
         args.device.managed_user.clone(),
@@ -278,7 +278,7 @@ fn status(state: &StateDir) -> Result<ExitCode, String> {
 }
 
 async fn run(args: RunArgs, state: StateDir) -> Result<ExitCode, String> {
-    let backend = mdm_agent::backend::by_name(
+    let backend = mdm_agent::backend_by_name(
         &args.device.backend,
         state.root(),
         args.device.managed_user.clone(),

@@ -5,8 +5,13 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod domain;
+pub mod error;
 pub mod fsutil;
+pub mod live;
 pub mod model;
+pub mod pki;
 pub mod rules;
 pub mod snapshot;
 pub mod store;
+pub mod throttle;

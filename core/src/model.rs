@@ -540,6 +540,56 @@ impl Action {
     }
 }
 
+impl Notification {
+    /// `body_text` with `passcode` in place of the placeholder at
+    /// `passcode_at`. Records written before `passcode_at` existed have their
+    /// one real placeholder last: only server-made text (the action id)
+    /// follows it in that template.
+    pub fn with_passcode(&self, passcode: &str) -> Option<zeroize::Zeroizing<String>> {
+        let body = &self.body_text;
+        let at = match self.passcode_at {
+            Some(at) => at,
+            None => body.rfind(PASSCODE_PLACEHOLDER)?,
+        };
+        let end = at.checked_add(PASSCODE_PLACEHOLDER.len())?;
+        if body.get(at..end)? != PASSCODE_PLACEHOLDER {
+            return None;
+        }
+        let mut filled =
+            zeroize::Zeroizing::new(String::with_capacity(body.len() + passcode.len()));
+        filled.push_str(body.get(..at)?);
+        filled.push_str(passcode);
+        filled.push_str(body.get(end..)?);
+        Some(filled)
+    }
+}
+
+/// A pragmatic email check: one '@', non-empty local part, a domain of
+/// dot-separated labels, no spaces or control characters.
+pub fn validate_email(email: &str) -> Result<(), &'static str> {
+    if email.len() > 254 {
+        return Err("is longer than 254 characters");
+    }
+    let (local, domain) = email.split_once('@').ok_or("has no '@'")?;
+    if local.is_empty() || local.len() > 64 {
+        return Err("has an empty or too long local part");
+    }
+    if domain.contains('@') {
+        return Err("has more than one '@'");
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains spaces or control characters");
+    }
+    if domain.is_empty()
+        || domain.split('.').any(|label| {
+            label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+    {
+        return Err("has an invalid domain");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

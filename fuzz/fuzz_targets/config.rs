@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(duration) = config::parse_duration(&text) {
         assert!(!duration.is_zero());
     }
-    let _ = config::validate_email(&text);
+    let _ = mdm_core::model::validate_email(&text);
     let Ok(file) = config::parse_file_config(&text, "fuzz.toml") else {
         return;
     };

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some(facts) = request.device {
             let _ = convert::device_facts(facts);
         }
-        let _ = mdm_server::users::normalize_email(&request.user_email);
+        let _ = mdm_core::domain::users::normalize_email(&request.user_email);
         for device_id in [None, Some(DEVICE_ID)] {
             if let Ok(csr) = pki::parse_device_csr(&request.csr_pem, device_id) {
                 ca().issue_device_cert(&csr, DEVICE_ID, time::Duration::days(7))

@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
-use mdm_server::config::validate_email;
-use mdm_server::users::parse_users_csv;
+use mdm_core::model::validate_email;
+use mdm_core::domain::users::parse_users_csv;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

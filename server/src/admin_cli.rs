@@ -7,8 +7,9 @@ use std::path::Path;
 use time::{Duration, OffsetDateTime};
 
 use crate::admins::Role;
-use crate::config::{AdminCommand, validate_email};
+use crate::config::AdminCommand;
 use crate::datadir::{DataDir, DataDirError};
+use crate::model::validate_email;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminCliError {

@@ -493,7 +493,7 @@ pub fn resolve_with_file(
         .clone()
         .or(file.owner_email)
         .unwrap_or_else(|| DEFAULT_OWNER_EMAIL.to_owned());
-    validate_email(&owner_email)
+    crate::model::validate_email(&owner_email)
         .map_err(|reason| ConfigError(format!("owner email {owner_email:?}: {reason}")))?;
     let data_dir = data_dir
         .or(file.data_dir)
@@ -576,32 +576,6 @@ fn validate_san(san: &str) -> Result<(), ConfigError> {
             "--san {san:?} is neither a DNS name nor an IP address"
         )))
     }
-}
-
-/// A pragmatic email check: one '@', non-empty local part, a domain of
-/// dot-separated labels, no spaces or control characters.
-pub fn validate_email(email: &str) -> Result<(), &'static str> {
-    if email.len() > 254 {
-        return Err("is longer than 254 characters");
-    }
-    let (local, domain) = email.split_once('@').ok_or("has no '@'")?;
-    if local.is_empty() || local.len() > 64 {
-        return Err("has an empty or too long local part");
-    }
-    if domain.contains('@') {
-        return Err("has more than one '@'");
-    }
-    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains spaces or control characters");
-    }
-    if domain.is_empty()
-        || domain.split('.').any(|label| {
-            label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-    {
-        return Err("has an invalid domain");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

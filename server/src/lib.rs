@@ -4,32 +4,21 @@
 
 pub mod admin_cli;
 pub mod admins;
-pub mod alerts;
 pub mod api;
 pub mod app;
-pub mod commands;
-pub mod company_passcode;
 pub mod config;
 pub mod datadir;
 pub mod destination;
-pub mod devices;
 pub mod error;
-pub mod failed_attempts;
 pub mod identity;
-pub mod live;
 pub mod migrate;
 pub mod notify;
-pub mod pki;
-pub mod reset;
 pub mod server;
 pub mod site_webhooks;
-pub mod sites;
-pub mod throttle;
 pub mod tls;
-pub mod users;
 pub mod webhook;
 
-pub use mdm_core::{crypto, fsutil, model};
+pub use mdm_core::{crypto, fsutil, live, model, pki, throttle};
 
 pub use config::Config;
 pub use mdm_store_postgres::PgConfig;

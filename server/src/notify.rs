@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
 use crate::app::App;
-use crate::model::{Millis, Notification, NotificationState, PASSCODE_PLACEHOLDER, now_millis};
+use crate::model::{Millis, Notification, NotificationState, now_millis};
 
 pub use crate::config::{RetryPolicy, SmtpConfig, SmtpTls};
 
@@ -241,7 +241,7 @@ impl Outbox {
                 tracing::info!(dir = %dir.display(), "no SMTP relay configured; emails are written as .eml files")
             }
         }
-        let wake = app.outbox_wake.clone();
+        let wake = app.outbox_wake();
         Ok(Self {
             deliverer: Arc::new(Deliverer {
                 app,
@@ -474,33 +474,10 @@ impl Deliverer {
             .app
             .command_passcode(&action)
             .ok_or("the reset passcode cannot be unsealed")?;
-        fill_passcode(notification, &passcode)
+        notification
+            .with_passcode(&passcode)
             .ok_or_else(|| "the reset email has no place for the passcode".to_owned())
     }
-}
-
-/// `body_text` with `passcode` in place of the placeholder at
-/// `passcode_at`. Records written before `passcode_at` existed have their
-/// one real placeholder last: only server-made text (the action id)
-/// follows it in that template.
-pub(crate) fn fill_passcode(
-    notification: &Notification,
-    passcode: &str,
-) -> Option<Zeroizing<String>> {
-    let body = &notification.body_text;
-    let at = match notification.passcode_at {
-        Some(at) => at,
-        None => body.rfind(PASSCODE_PLACEHOLDER)?,
-    };
-    let end = at.checked_add(PASSCODE_PLACEHOLDER.len())?;
-    if body.get(at..end)? != PASSCODE_PLACEHOLDER {
-        return None;
-    }
-    let mut filled = Zeroizing::new(String::with_capacity(body.len() + passcode.len()));
-    filled.push_str(body.get(..at)?);
-    filled.push_str(passcode);
-    filled.push_str(body.get(end..)?);
-    Some(filled)
 }
 
 fn write_eml(
@@ -522,11 +499,4 @@ fn escape_html(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-impl App {
-    /// Wakes the outbox after notifications were queued.
-    pub(crate) fn wake_outbox(&self) {
-        self.outbox_wake.notify_one();
-    }
 }

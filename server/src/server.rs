@@ -13,7 +13,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
@@ -198,7 +197,7 @@ pub async fn run(
                 app.device_certificate_valid(&device_id, &serial)
                     .await
                     .map(|valid| !valid)
-                    .map_err(Status::from)
+                    .map_err(crate::error::status)
             })
         })
     };
@@ -369,7 +368,7 @@ pub async fn run(
     accept.abort();
     let _ = expiry.await;
     let _ = outbox.await;
-    app.failed_attempts.close().await;
+    app.close().await;
     // tonic returns once every connection has let go of its shutdown signal,
     // which can be a moment before the task drops its handle on the services.
     // Wait for those handles so the database is closed when `run` returns and

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mdm_core::domain::company_passcode::Refusal;
 use mdm_core::store::PageRequest;
 use mdm_server::Config;
 use mdm_server::app::App;
-use mdm_server::company_passcode::Refusal;
 use mdm_server::datadir::DataDir;
 use mdm_server::model::{NotificationState, PasscodeState};
 use mdm_server::server::{open_app, prepare_data_dir};

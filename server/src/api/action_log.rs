@@ -1,6 +1,7 @@
 //! `mdm.v1.ActionLogService`: security alerts and the notification outbox
 //! (actions arrive with the command stream).
 
+use crate::error::OrStatus;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -121,14 +122,20 @@ impl ActionLogService for ActionLogApi {
             .transpose()?;
         let site_id = match device_id {
             Some(device_id) => {
-                let site_id = self.app.get_device(device_id).await?.site_id.clone();
+                let site_id = self
+                    .app
+                    .get_device(device_id)
+                    .await
+                    .or_status()?
+                    .site_id
+                    .clone();
                 authorize_object(&admin, &site_id, "device", device_id)?;
                 site_id
             }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id).await?;
+        self.app.get_site(&site_id).await.or_status()?;
         let action_type = convert::action_type_from_proto(request.r#type());
         let status = convert::action_status_from_proto(request.status());
         let filter = ActionFilter {
@@ -148,7 +155,8 @@ impl ActionLogService for ActionLogApi {
                 convert::page_request(&request.page_token, request.page_size)?,
             )
             .await
-            .map_err(crate::error::Error::from)?;
+            .map_err(crate::error::Error::from)
+            .or_status()?;
         Ok(Response::new(pb::ListActionsResponse {
             actions: page.items.into_iter().map(convert::action).collect(),
             next_page_token: page.next_page_token,
@@ -161,7 +169,7 @@ impl ActionLogService for ActionLogApi {
     ) -> Rpc<pb::GetActionResponse> {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
-        let action = self.app.get_action(action_id).await?;
+        let action = self.app.get_action(action_id).await.or_status()?;
         authorize_object(&admin, &action.site_id, "action", action_id)?;
         Ok(Response::new(pb::GetActionResponse {
             action: Some(convert::action(action)),
@@ -174,9 +182,13 @@ impl ActionLogService for ActionLogApi {
     ) -> Rpc<pb::CancelActionResponse> {
         let admin = identity::admin(&request)?;
         let action_id = required_id("action_id", &request.get_ref().action_id)?;
-        let action = self.app.get_action(action_id).await?;
+        let action = self.app.get_action(action_id).await.or_status()?;
         authorize_object(&admin, &action.site_id, "action", action_id)?;
-        let action = self.app.cancel_action(action_id, &admin.email).await?;
+        let action = self
+            .app
+            .cancel_action(action_id, &admin.email)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::CancelActionResponse {
             action: Some(convert::action(action)),
         }))
@@ -194,14 +206,20 @@ impl ActionLogService for ActionLogApi {
             .transpose()?;
         let site_id = match &device_id {
             Some(device_id) => {
-                let site_id = self.app.get_device(device_id).await?.site_id.clone();
+                let site_id = self
+                    .app
+                    .get_device(device_id)
+                    .await
+                    .or_status()?
+                    .site_id
+                    .clone();
                 authorize_object(&admin, &site_id, "device", device_id)?;
                 site_id
             }
             None => required_id("site_id", &request.site_id)?.to_owned(),
         };
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id).await?;
+        self.app.get_site(&site_id).await.or_status()?;
         let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_actions())
             .filter_map(move |item| {
@@ -235,7 +253,7 @@ impl ActionLogService for ActionLogApi {
         let request = request.into_inner();
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
-        self.app.get_site(site_id).await?;
+        self.app.get_site(site_id).await.or_status()?;
         // Lockouts are raised while counting failures, off the response path.
         self.app.settle_failed_attempts().await;
         let page = self
@@ -246,7 +264,8 @@ impl ActionLogService for ActionLogApi {
                 convert::page_request(&request.page_token, request.page_size)?,
             )
             .await
-            .map_err(crate::error::Error::from)?;
+            .map_err(crate::error::Error::from)
+            .or_status()?;
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: page.items.into_iter().map(convert::alert).collect(),
             next_page_token: page.next_page_token,
@@ -261,7 +280,7 @@ impl ActionLogService for ActionLogApi {
         let certificate = identity::leaf_certificate(&request).unwrap_or_default();
         let site_id = required_id("site_id", &request.get_ref().site_id)?.to_owned();
         authorize_site(&admin, &site_id)?;
-        self.app.get_site(&site_id).await?;
+        self.app.get_site(&site_id).await.or_status()?;
         let watched = site_id.clone();
         let stream = BroadcastStream::new(self.app.subscribe_alerts())
             .filter_map(move |item| {
@@ -305,7 +324,8 @@ impl ActionLogService for ActionLogApi {
                 convert::page_request(&request.page_token, request.page_size)?,
             )
             .await
-            .map_err(crate::error::Error::from)?;
+            .map_err(crate::error::Error::from)
+            .or_status()?;
         Ok(Response::new(pb::ListNotificationsResponse {
             notifications: page.items.into_iter().map(convert::notification).collect(),
             next_page_token: page.next_page_token,

@@ -1,5 +1,6 @@
 //! `mdm.v1.AgentService`: certificate renewal and the device's stream.
 
+use crate::error::OrStatus;
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,11 +17,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, AgentMessage, timestamp};
 use crate::app::App;
-use crate::commands::{AgentReport, Delivery};
 use crate::identity;
 use crate::live::{Registration, Signal, StreamEnd};
 use crate::model::now_millis;
 use crate::tls::Connections;
+use mdm_core::domain::commands::{AgentReport, Delivery};
 
 /// An agent must say hello this soon after opening its stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +66,8 @@ impl AgentApi {
         if self
             .app
             .device_certificate_valid(&device.device_id, &device.serial)
-            .await?
+            .await
+            .or_status()?
         {
             Ok(())
         } else {
@@ -87,7 +89,8 @@ impl AgentService for AgentApi {
         let certificate = self
             .app
             .renew_device_certificate(&device.device_id, &request.into_inner().csr_pem)
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RenewCertificateResponse {
             certificate_chain_pem: certificate.chain_pem,
             renew_after: Some(timestamp(certificate.renew_after)),
@@ -120,20 +123,29 @@ impl AgentService for AgentApi {
             }
             Err(reason) => return Err(Status::invalid_argument(reason)),
         };
-        self.app.device_seen(&device.device_id, facts).await?;
+        self.app
+            .device_seen(&device.device_id, facts)
+            .await
+            .or_status()?;
         if let Some(compliance) = compliance {
             self.app
                 .record_compliance(&device.device_id, compliance)
-                .await?;
+                .await
+                .or_status()?;
         }
-        let policy = self.app.device_policy(&device.device_id).await?;
-        let registration = self.app.live.register(&device.device_id);
+        let policy = self
+            .app
+            .device_policy(&device.device_id)
+            .await
+            .or_status()?;
+        let registration = self.app.live().register(&device.device_id);
         // An unenroll that ran since the interceptor's check found no stream
         // to tell: check again now that this one is registered.
         if !self
             .app
             .device_certificate_valid(&device.device_id, &device.serial)
-            .await?
+            .await
+            .or_status()?
         {
             drop(registration);
             return Err(Status::unauthenticated(
@@ -375,20 +387,10 @@ impl Session {
                 tracing::error!(%error, "cannot record sent commands");
                 Stop::from("the command queue cannot be written")
             })?;
-        let mut commands = Vec::new();
         for (command, delivery) in built.into_iter().zip(deliveries) {
-            let sent = match delivery {
-                Delivery::First(action) => Some(*action),
-                Delivery::Again => None,
-                Delivery::Withdrawn => continue,
-            };
-            commands.push((command, sent));
-        }
-        for (command, sent) in commands {
-            if let Some(action) = sent {
-                self.app.publish(action).await;
+            if !matches!(delivery, Delivery::Withdrawn) {
+                self.write_command(command).await?;
             }
-            self.write_command(command).await?;
         }
         Ok(())
     }

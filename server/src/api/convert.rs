@@ -1,10 +1,10 @@
 //! Domain ⇄ proto conversions, and the edge checks every service shares.
 
+use crate::error::IntoStatus;
 use mdm_proto::v1 as pb;
 use prost_types::Timestamp;
 use tonic::Status;
 
-use crate::commands::AgentReport;
 use crate::error::Error;
 use crate::identity::AdminIdentity;
 use crate::model::{
@@ -13,7 +13,8 @@ use crate::model::{
     Notification, NotificationState, PasscodeComplexity, PasscodePolicy, PasscodeState, Platform,
     Site, User,
 };
-use crate::reset::SecurityView;
+use mdm_core::domain::commands::AgentReport;
+use mdm_core::domain::reset::SecurityView;
 
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -36,7 +37,7 @@ pub fn page_size(requested: u32) -> Result<usize, Status> {
         n => Err(Error::InvalidArgument(format!(
             "page_size must be at most {MAX_PAGE_SIZE}, got {n}"
         ))
-        .into()),
+        .into_status()),
     }
 }
 
@@ -55,10 +56,12 @@ pub fn page_request(
 pub fn required_id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     let value = value.trim();
     if value.is_empty() {
-        return Err(Error::InvalidArgument(format!("{field} is required")).into());
+        return Err(Error::InvalidArgument(format!("{field} is required")).into_status());
     }
     if value.len() > 128 || value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Error::InvalidArgument(format!("{field} {value:?} is not a valid id")).into());
+        return Err(
+            Error::InvalidArgument(format!("{field} {value:?} is not a valid id")).into_status(),
+        );
     }
     Ok(value)
 }
@@ -72,7 +75,7 @@ pub fn authorize_site(identity: &AdminIdentity, site_id: &str) -> Result<(), Sta
             "{} is not an admin of site {site_id}",
             identity.email
         ))
-        .into())
+        .into_status())
     }
 }
 
@@ -89,14 +92,14 @@ pub fn authorize_object(
         return Ok(());
     }
     tracing::warn!(admin = %identity.email, kind, id, site_id, "an object of a site the admin does not manage was asked for");
-    Err(Error::no_such(kind, id).into())
+    Err(Error::no_such(kind, id).into_status())
 }
 
 pub fn authorize_owner(identity: &AdminIdentity, action: &str) -> Result<(), Status> {
     if identity.is_owner() {
         Ok(())
     } else {
-        Err(Error::PermissionDenied(format!("only an owner may {action}")).into())
+        Err(Error::PermissionDenied(format!("only an owner may {action}")).into_status())
     }
 }
 
@@ -412,7 +415,7 @@ pub fn duration(
     match value {
         None => Ok(None),
         Some(d) if d.seconds < 0 || d.nanos < 0 => {
-            Err(Error::InvalidArgument(format!("{field} must not be negative")).into())
+            Err(Error::InvalidArgument(format!("{field} must not be negative")).into_status())
         }
         Some(d) => Ok(Some(std::time::Duration::new(
             u64::try_from(d.seconds).unwrap_or(0),
@@ -436,7 +439,7 @@ pub fn lock_message(message: String) -> Result<String, Status> {
         return Err(Error::InvalidArgument(
             "message must be at most 500 printable characters".into(),
         )
-        .into());
+        .into_status());
     }
     Ok(message)
 }
@@ -457,7 +460,7 @@ pub fn policy(policy: PasscodePolicy) -> pb::PasscodePolicy {
 
 pub fn policy_from_proto(policy: Option<pb::PasscodePolicy>) -> Result<PasscodePolicy, Status> {
     let policy =
-        policy.ok_or_else(|| Status::from(Error::InvalidArgument("policy is required".into())))?;
+        policy.ok_or_else(|| Error::InvalidArgument("policy is required".into()).into_status())?;
     let complexity = match policy.complexity() {
         pb::PasscodeComplexity::Numeric => PasscodeComplexity::Numeric,
         pb::PasscodeComplexity::Alphanumeric => PasscodeComplexity::Alphanumeric,
@@ -466,7 +469,7 @@ pub fn policy_from_proto(policy: Option<pb::PasscodePolicy>) -> Result<PasscodeP
             return Err(Error::InvalidArgument(
                 "policy.complexity is required: PASSCODE_COMPLEXITY_NUMERIC, _ALPHANUMERIC or _COMPLEX".into(),
             )
-            .into());
+            .into_status());
         }
     };
     Ok(PasscodePolicy {

@@ -1,5 +1,7 @@
 //! `mdm.v1.DeviceService`.
 
+use crate::error::IntoStatus;
+use crate::error::OrStatus;
 use std::sync::Arc;
 
 use mdm_proto::v1 as pb;
@@ -52,7 +54,8 @@ impl DeviceService for DeviceApi {
                 &filter,
                 convert::page_request(&request.page_token, request.page_size)?,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: page
                 .items
@@ -72,11 +75,15 @@ impl DeviceService for DeviceApi {
     ) -> Rpc<pb::GetDeviceResponse> {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
-        let device = self.app.get_device(device_id).await?;
+        let device = self.app.get_device(device_id).await.or_status()?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         let online = self.app.is_online(device_id);
-        let security = self.app.security_view(&device, &admin.email).await?;
-        let audit_trail = self.app.audit_trail(device_id, 50).await?;
+        let security = self
+            .app
+            .security_view(&device, &admin.email)
+            .await
+            .or_status()?;
+        let audit_trail = self.app.audit_trail(device_id, 50).await.or_status()?;
         let mut device = convert::device(std::sync::Arc::unwrap_or_clone(device), online);
         device.security = Some(convert::security(security));
         Ok(Response::new(pb::GetDeviceResponse {
@@ -92,13 +99,13 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
-        let device = self.app.get_device(device_id).await?;
+        let device = self.app.get_device(device_id).await.or_status()?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         if request.confirm_user_email.trim().is_empty() {
             return Err(crate::error::Error::FailedPrecondition(
                 "confirm_user_email is required: name the device's user to confirm the right device".into(),
             )
-            .into());
+            .into_status());
         }
         let message = convert::lock_message(request.message)?;
         let ttl = convert::duration("ttl", request.ttl)?;
@@ -112,7 +119,8 @@ impl DeviceService for DeviceApi {
                 message,
                 ttl,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ResetPasscodeResponse {
             action: Some(convert::action(action)),
             passcode: passcode.as_str().to_owned(),
@@ -126,7 +134,7 @@ impl DeviceService for DeviceApi {
         let admin = identity::admin(&request)?;
         let request = request.into_inner();
         let device_id = required_id("device_id", &request.device_id)?;
-        let device = self.app.get_device(device_id).await?;
+        let device = self.app.get_device(device_id).await.or_status()?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
         let message = convert::lock_message(request.message)?;
         let ttl = convert::duration("ttl", request.ttl)?;
@@ -139,7 +147,8 @@ impl DeviceService for DeviceApi {
                 CommandPayload::Lock { message },
                 ttl,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::LockDeviceResponse {
             action: Some(convert::action(action)),
         }))
@@ -151,9 +160,13 @@ impl DeviceService for DeviceApi {
     ) -> Rpc<pb::UnenrollDeviceResponse> {
         let admin = identity::admin(&request)?;
         let device_id = required_id("device_id", &request.get_ref().device_id)?;
-        let device = self.app.get_device(device_id).await?;
+        let device = self.app.get_device(device_id).await.or_status()?;
         authorize_object(&admin, &device.site_id, "device", device_id)?;
-        let action = self.app.unenroll_device(device_id, &admin.email).await?;
+        let action = self
+            .app
+            .unenroll_device(device_id, &admin.email)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::UnenrollDeviceResponse {
             action: Some(convert::action(action)),
         }))

@@ -2,6 +2,7 @@
 //! refusal but throttling is the same PERMISSION_DENIED, so a caller learns
 //! nothing about which part was wrong; the reason goes to the log.
 
+use crate::error::IntoStatus;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -12,8 +13,8 @@ use zeroize::Zeroizing;
 
 use super::convert::{self, timestamp};
 use crate::app::App;
-use crate::devices::{EnrollError, EnrollRequest};
 use crate::identity::DeviceAuthenticator;
+use mdm_core::domain::devices::{EnrollError, EnrollRequest};
 
 pub const REFUSED: &str = "enrollment refused";
 
@@ -91,7 +92,7 @@ impl EnrollmentService for EnrollmentApi {
                 ))
             }
             Err(EnrollError::Refused(reason)) => Err(refuse(source, &reason)),
-            Err(EnrollError::Internal(error)) => Err(error.into()),
+            Err(EnrollError::Internal(error)) => Err(error.into_status()),
         }
     }
 }

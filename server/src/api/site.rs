@@ -1,5 +1,6 @@
 //! `mdm.v1.SiteService`.
 
+use crate::error::OrStatus;
 use std::sync::Arc;
 
 use mdm_proto::v1 as pb;
@@ -9,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, authorize_owner, authorize_site, required_id};
 use crate::app::App;
 use crate::identity;
-use crate::sites::SiteChanges;
+use mdm_core::domain::sites::SiteChanges;
 
 #[derive(Debug, Clone)]
 pub struct SiteApi {
@@ -34,7 +35,11 @@ impl SiteService for SiteApi {
         authorize_owner(&admin, "create sites")?;
         let request = request.into_inner();
         let limit = (request.failed_attempt_limit != 0).then_some(request.failed_attempt_limit);
-        let site = self.app.create_site(&request.display_name, limit).await?;
+        let site = self
+            .app
+            .create_site(&request.display_name, limit)
+            .await
+            .or_status()?;
         tracing::info!(site_id = %site.site_id, admin = %admin.email, "CreateSite");
         Ok(Response::new(pb::CreateSiteResponse {
             site: Some(convert::site(site)),
@@ -45,7 +50,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let site = self.app.get_site(site_id).await?;
+        let site = self.app.get_site(site_id).await.or_status()?;
         Ok(Response::new(pb::GetSiteResponse {
             site: Some(convert::site(site)),
         }))
@@ -66,7 +71,8 @@ impl SiteService for SiteApi {
                 &filter,
                 convert::page_request(&request.page_token, request.page_size)?,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ListSitesResponse {
             sites: page.items.into_iter().map(convert::site).collect(),
             next_page_token: page.next_page_token,
@@ -86,7 +92,7 @@ impl SiteService for SiteApi {
             failed_attempt_limit: request.failed_attempt_limit,
             reset_passcode_visible_days: request.reset_passcode_visible_days,
         };
-        let site = self.app.update_site(site_id, changes).await?;
+        let site = self.app.update_site(site_id, changes).await.or_status()?;
         Ok(Response::new(pb::UpdateSiteResponse {
             site: Some(convert::site(site)),
         }))
@@ -102,7 +108,8 @@ impl SiteService for SiteApi {
         let (passcode, info) = self
             .app
             .generate_company_passcode(site_id, &admin.email)
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::GenerateCompanyPasscodeResponse {
             passcode: passcode.expose().to_owned(),
             info: Some(convert::passcode_info(info)),
@@ -118,7 +125,11 @@ impl SiteService for SiteApi {
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
         let policy = convert::policy_from_proto(request.policy)?;
-        let policy = self.app.set_passcode_policy(site_id, policy).await?;
+        let policy = self
+            .app
+            .set_passcode_policy(site_id, policy)
+            .await
+            .or_status()?;
         tracing::info!(site_id, admin = %admin.email, "passcode policy set");
         Ok(Response::new(pb::SetPasscodePolicyResponse {
             policy: Some(convert::policy(policy)),
@@ -132,7 +143,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let policy = self.app.passcode_policy(site_id).await?;
+        let policy = self.app.passcode_policy(site_id).await.or_status()?;
         Ok(Response::new(pb::GetPasscodePolicyResponse {
             policy: Some(convert::policy(policy)),
         }))
@@ -146,7 +157,11 @@ impl SiteService for SiteApi {
         let request = request.into_inner();
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
-        let secret = self.app.set_webhook(site_id, &request.url).await?;
+        let secret = self
+            .app
+            .set_site_webhook(site_id, &request.url)
+            .await
+            .or_status()?;
         tracing::info!(site_id, admin = %admin.email, removed = secret.is_none(), "webhook set");
         Ok(Response::new(pb::SetWebhookResponse {
             url: request.url.trim().to_owned(),
@@ -161,7 +176,7 @@ impl SiteService for SiteApi {
         let admin = identity::admin(&request)?;
         let site_id = required_id("site_id", &request.get_ref().site_id)?;
         authorize_site(&admin, site_id)?;
-        let info = self.app.company_passcode_info(site_id).await?;
+        let info = self.app.company_passcode_info(site_id).await.or_status()?;
         Ok(Response::new(pb::GetCompanyPasscodeResponse {
             info: Some(convert::passcode_info(info)),
         }))
@@ -177,7 +192,8 @@ impl SiteService for SiteApi {
         let info = self
             .app
             .disable_company_passcode(site_id, &admin.email)
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::DisableCompanyPasscodeResponse {
             info: Some(convert::passcode_info(info)),
         }))

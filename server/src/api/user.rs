@@ -1,5 +1,7 @@
 //! `mdm.v1.UserService`.
 
+use crate::error::IntoStatus;
+use crate::error::OrStatus;
 use std::sync::Arc;
 
 use mdm_proto::v1 as pb;
@@ -37,7 +39,8 @@ impl UserService for UserApi {
         let user = self
             .app
             .create_user(site_id, &request.email, &request.display_name)
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(convert::user(user)),
         }))
@@ -48,15 +51,20 @@ impl UserService for UserApi {
         let request = request.into_inner();
         let user = if !request.user_id.is_empty() {
             let user_id = required_id("user_id", &request.user_id)?;
-            let user = self.app.get_user_by_id(user_id).await?;
+            let user = self.app.get_user_by_id(user_id).await.or_status()?;
             authorize_object(&admin, &user.site_id, "user", user_id)?;
             user
         } else if !request.site_id.is_empty() && !request.email.is_empty() {
             let site_id = required_id("site_id", &request.site_id)?;
             authorize_site(&admin, site_id)?;
-            self.app.get_user(site_id, &request.email).await?
+            self.app
+                .get_user(site_id, &request.email)
+                .await
+                .or_status()?
         } else {
-            return Err(Error::InvalidArgument("give user_id, or site_id and email".into()).into());
+            return Err(
+                Error::InvalidArgument("give user_id, or site_id and email".into()).into_status(),
+            );
         };
         Ok(Response::new(pb::GetUserResponse {
             user: Some(convert::user(user)),
@@ -77,7 +85,8 @@ impl UserService for UserApi {
                 site_id,
                 convert::page_request(&request.page_token, request.page_size)?,
             )
-            .await?;
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ListUsersResponse {
             users: page.items.into_iter().map(convert::user).collect(),
             next_page_token: page.next_page_token,
@@ -90,9 +99,9 @@ impl UserService for UserApi {
     ) -> Rpc<pb::DeleteUserResponse> {
         let admin = identity::admin(&request)?;
         let user_id = required_id("user_id", &request.get_ref().user_id)?;
-        let user = self.app.get_user_by_id(user_id).await?;
+        let user = self.app.get_user_by_id(user_id).await.or_status()?;
         authorize_object(&admin, &user.site_id, "user", user_id)?;
-        self.app.delete_user(user_id).await?;
+        self.app.delete_user(user_id).await.or_status()?;
         tracing::info!(user_id, site_id = %user.site_id, admin = %admin.email, "user deleted");
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
@@ -105,7 +114,11 @@ impl UserService for UserApi {
         let request = request.into_inner();
         let site_id = required_id("site_id", &request.site_id)?;
         authorize_site(&admin, site_id)?;
-        let report = self.app.import_users(site_id, &request.csv).await?;
+        let report = self
+            .app
+            .import_users(site_id, &request.csv)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ImportUsersResponse {
             imported: report.imported,
             errors: report

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::app::App;
-use crate::company_passcode::Refusal;
+use super::Domain;
+use super::company_passcode::Refusal;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
@@ -15,7 +15,7 @@ use crate::model::{
     IssuedDeviceCert, Millis, now_millis, short_id,
 };
 use crate::pki::{CsrError, DeviceCsr, parse_device_csr};
-use mdm_core::store::{DeviceFilter, Enrolled, Page, PageRequest};
+use crate::store::{DeviceFilter, Enrolled, Page, PageRequest};
 
 /// An enrollment as the edge hands it to the domain.
 pub struct EnrollRequest {
@@ -67,8 +67,8 @@ pub enum EnrollError {
     Internal(#[from] Error),
 }
 
-impl From<mdm_core::store::StoreError> for EnrollError {
-    fn from(error: mdm_core::store::StoreError) -> Self {
+impl From<crate::store::StoreError> for EnrollError {
+    fn from(error: crate::store::StoreError) -> Self {
         EnrollError::Internal(error.into())
     }
 }
@@ -77,7 +77,7 @@ fn millis(duration: Duration) -> Millis {
     Millis::try_from(duration.as_millis()).unwrap_or(Millis::MAX)
 }
 
-impl App {
+impl Domain {
     fn issue_device_certificate(
         &self,
         csr: &DeviceCsr,
@@ -203,8 +203,8 @@ impl App {
             failed_attempts: 0,
             source_addresses: vec![source.to_string()],
         };
-        let notifications = crate::alerts::notifications(
-            &self.registry,
+        let notifications = super::alerts::notifications(
+            self.admins.as_ref(),
             site,
             &alert,
             &format!(

@@ -1,11 +1,11 @@
 //! Sites: creation, reading, listing and settings.
 
-use crate::app::App;
+use super::Domain;
 use crate::error::{Error, Result};
 use crate::model::{
     DEFAULT_FAILED_ATTEMPT_LIMIT, FAILED_ATTEMPT_LIMIT_RANGE, Site, now_millis, short_id,
 };
-use mdm_core::store::{Page, PageRequest, SiteFilter};
+use crate::store::{Page, PageRequest, SiteFilter};
 
 /// Changes to a site's settings; `None` leaves a setting as it is.
 #[derive(Debug, Default, Clone)]
@@ -42,7 +42,7 @@ pub fn validate_failed_attempt_limit(limit: u32) -> Result<u32> {
     }
 }
 
-impl App {
+impl Domain {
     /// Creates a site; `failed_attempt_limit` None means the default.
     pub async fn create_site(
         &self,

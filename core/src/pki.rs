@@ -190,11 +190,11 @@ fn random_serial() -> SerialNumber {
 pub fn covers_exactly(chain_pem: &str, names: &[String], margin: Duration) -> bool {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let Some(Ok(der)) =
-        rustls::pki_types::pem::PemObject::pem_slice_iter(chain_pem.as_bytes()).next()
+        rustls_pki_types::pem::PemObject::pem_slice_iter(chain_pem.as_bytes()).next()
     else {
         return false;
     };
-    let der: rustls::pki_types::CertificateDer<'static> = der;
+    let der: rustls_pki_types::CertificateDer<'static> = der;
     let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
         return false;
     };
@@ -323,8 +323,8 @@ impl CertificateAuthority {
 /// `mdm-agent enroll --ca-fingerprint` takes.
 pub fn fingerprint(pem: &str) -> Option<String> {
     use sha2::{Digest, Sha256};
-    let der: rustls::pki_types::CertificateDer<'static> =
-        rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+    let der: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
             .next()?
             .ok()?;
     Some(format!(

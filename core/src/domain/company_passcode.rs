@@ -3,7 +3,7 @@
 //! passcode is good, counts failures and locks a site out.
 //!
 //! Failures are counted by one background task
-//! ([`FailedAttempts`](crate::failed_attempts::FailedAttempts)), not
+//! ([`FailedAttempts`](super::failed_attempts::FailedAttempts)), not
 //! on the response path: counting writes and flushes only for an email that is
 //! a user of some site, so a refusal that waited for it would tell a caller
 //! by its time whether the email is known.
@@ -18,7 +18,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::app::App;
+use super::Domain;
 use crate::error::{Error, Result};
 use crate::model::{
     CompanyPasscodeInfo, CompanyPasscodeRecord, PasscodeState, Site, User, now_millis,
@@ -88,7 +88,7 @@ pub enum Refusal {
     Malformed,
 }
 
-impl App {
+impl Domain {
     fn passcode_hash(&self, passcode: &str) -> [u8; 32] {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.passcode_key.as_slice())
             .expect("HMAC takes keys of any length");

@@ -9,7 +9,7 @@ use rand::rngs::OsRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use zeroize::Zeroizing;
 
-use crate::app::App;
+use super::Domain;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
@@ -17,7 +17,7 @@ use crate::model::{
     LatestReset, Millis, Notification, PASSCODE_LENGTH_RANGE, PASSCODE_PLACEHOLDER,
     PasscodeComplexity, PasscodePolicy, now_millis,
 };
-use mdm_core::store::{DeviceFilter, PageRequest};
+use crate::store::{DeviceFilter, PageRequest};
 
 const DIGITS: &[u8] = b"0123456789";
 const LETTERS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
@@ -86,7 +86,7 @@ pub(crate) fn command_context(action_id: &str) -> String {
     format!("command:{action_id}")
 }
 
-impl App {
+impl Domain {
     pub async fn set_passcode_policy(
         &self,
         site_id: &str,
@@ -166,7 +166,7 @@ impl App {
             )));
         }
         // Everything that can refuse the reset is checked before the first write.
-        let ttl = crate::commands::validate_ttl(ttl)?;
+        let ttl = super::commands::validate_ttl(ttl)?;
         self.check_command(device, ActionType::ResetPasscode)?;
         let site = self.site(&device.site_id).await?;
         let passcode = generate_device_passcode(&site.passcode_policy);
@@ -418,7 +418,7 @@ mod tests {
             "r@example.com".into(),
             0,
         );
-        let body = crate::notify::fill_passcode(&email, "S3CRET").unwrap();
+        let body = email.with_passcode("S3CRET").unwrap();
         assert_eq!(body.matches("S3CRET").count(), 1, "{}", body.as_str());
         assert!(body.contains("The new passcode is: S3CRET\n"));
         assert!(body.contains("device x{passcode}y (dv_1)"));
@@ -431,9 +431,7 @@ mod tests {
             ..email.clone()
         };
         assert_eq!(
-            crate::notify::fill_passcode(&legacy, "S3CRET")
-                .unwrap()
-                .as_str(),
+            legacy.with_passcode("S3CRET").unwrap().as_str(),
             body.as_str()
         );
         // A position that does not hold the placeholder fills nothing.
@@ -442,7 +440,7 @@ mod tests {
                 passcode_at: Some(at),
                 ..email.clone()
             };
-            assert!(crate::notify::fill_passcode(&broken, "S3CRET").is_none());
+            assert!(broken.with_passcode("S3CRET").is_none());
         }
     }
 

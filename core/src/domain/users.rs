@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
-use crate::app::App;
-use crate::config::validate_email;
+use super::Domain;
 use crate::error::{Error, Result};
+use crate::model::validate_email;
 use crate::model::{User, now_millis, short_id};
-use mdm_core::store::{Page, PageRequest, UsersInserted};
+use crate::store::{Page, PageRequest, UsersInserted};
 
 /// Largest CSV import, in rows.
 pub const MAX_IMPORT_ROWS: usize = 50_000;
@@ -44,7 +44,7 @@ fn normalize_display_name(name: &str) -> Result<String> {
     Ok(name.to_owned())
 }
 
-impl App {
+impl Domain {
     pub async fn create_user(
         &self,
         site_id: &str,

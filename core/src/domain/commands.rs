@@ -4,20 +4,20 @@
 
 use std::time::Duration;
 
-use crate::app::App;
+use super::Domain;
 use crate::error::{Error, Result};
 use crate::live::StreamSignal;
 use crate::model::{
     Action, ActionType, CommandPayload, Device, DeviceStatus, LatestReset, Millis, Notification,
     now_millis,
 };
-use mdm_core::store::{Canceled, NewCommand, Queued, Reported};
+use crate::store::{Canceled, NewCommand, Queued, Reported};
 
 pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub use crate::model::MAX_COMMAND_TTL;
 
-pub use mdm_core::rules::{AgentReport, SUPERSEDED};
-pub use mdm_core::store::Delivery;
+pub use crate::rules::{AgentReport, SUPERSEDED};
+pub use crate::store::Delivery;
 
 /// The command's time to live: the default when none is given.
 pub fn validate_ttl(ttl: Option<Duration>) -> Result<Duration> {
@@ -31,7 +31,7 @@ pub fn validate_ttl(ttl: Option<Duration>) -> Result<Duration> {
     Ok(ttl)
 }
 
-impl App {
+impl Domain {
     /// Queues a command for a device, durably, and hands it to its stream.
     pub async fn queue_command(
         &self,
@@ -194,11 +194,18 @@ impl App {
     /// Records that these commands are about to go out on the device's
     /// stream, durably before any is sent, so that a command still PENDING
     /// after a crash was never delivered (and may be superseded safely).
+    /// Watchers hear of each first delivery before it goes out.
     pub async fn mark_sent(&self, device_id: &str, action_ids: &[String]) -> Result<Vec<Delivery>> {
-        Ok(self
+        let deliveries = self
             .store
             .mark_sent(device_id, action_ids, now_millis())
-            .await?)
+            .await?;
+        for delivery in &deliveries {
+            if let Delivery::First(action) = delivery {
+                self.publish(action.as_ref().clone()).await;
+            }
+        }
+        Ok(deliveries)
     }
 
     /// Applies what the agent of `device_id` reported about `action_id`, in

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
-use crate::admins::AdminRegistry;
+use super::alerts::SiteAdmins;
 use crate::error::Result;
 use crate::model::{
     Alert, AlertKind, CompanyPasscodeRecord, Millis, Notification, Site, now_millis,
     time_ordered_id,
 };
-use mdm_core::store::{FailedAttempt, FailedAttemptEntry, Store};
+use crate::store::{FailedAttempt, FailedAttemptEntry, Store};
 
 /// Failures waiting to be counted; a full queue makes refusals wait for room
 /// (every refusal alike), it never drops a failure.
@@ -32,7 +32,7 @@ const COUNT_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 #[derive(Debug, Clone)]
 struct FailureCounter {
     store: Arc<dyn Store>,
-    registry: Arc<AdminRegistry>,
+    admins: Arc<dyn SiteAdmins>,
     alerts: broadcast::Sender<Alert>,
     outbox_wake: Arc<Notify>,
 }
@@ -111,8 +111,8 @@ impl FailureCounter {
             failed_attempts: record.failed_attempts,
             source_addresses: record.failed_sources.clone(),
         };
-        let notifications = crate::alerts::notifications(
-            &self.registry,
+        let notifications = super::alerts::notifications(
+            self.admins.as_ref(),
             site,
             &alert,
             &format!(
@@ -163,14 +163,14 @@ impl std::fmt::Debug for FailedAttempts {
 impl FailedAttempts {
     pub(crate) fn new(
         store: Arc<dyn Store>,
-        registry: Arc<AdminRegistry>,
+        admins: Arc<dyn SiteAdmins>,
         alerts: broadcast::Sender<Alert>,
         outbox_wake: Arc<Notify>,
     ) -> Self {
         Self {
             counter: FailureCounter {
                 store,
-                registry,
+                admins,
                 alerts,
                 outbox_wake,
             },

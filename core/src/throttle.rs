@@ -49,7 +49,7 @@ struct Bucket {
 }
 
 /// The key a source's failures are counted under.
-pub(crate) fn source_key(source: IpAddr) -> IpAddr {
+pub fn source_key(source: IpAddr) -> IpAddr {
     match source {
         IpAddr::V4(_) => source,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
