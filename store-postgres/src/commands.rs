@@ -22,22 +22,38 @@ use crate::outbox::insert_notifications;
 use crate::rows::{ActionColumns, ActionRow};
 use crate::{PgStore, Pooled};
 
+// Every write of actions keeps `open_actions` (the commands not final yet,
+// see the schema) in step in the same statement, through its RETURNING rows.
+
+/// Adds the written actions that are queued to `open_actions`.
+const OPEN_WRITTEN: &str = "opened AS (INSERT INTO open_actions (device_id, action_id, expires_at)
+     SELECT device_id, action_id, expires_at FROM written WHERE queued
+     ON CONFLICT DO NOTHING)";
+
+/// Removes the written actions that are final from `open_actions`.
+const CLOSE_WRITTEN: &str = "closed AS (DELETE FROM open_actions AS o USING written AS w
+     WHERE NOT w.queued AND o.device_id = w.device_id AND o.action_id = w.action_id)";
+
 async fn insert_action<C: GenericClient>(c: &C, action: &Action, upsert: bool) -> R<()> {
-    let sql = if upsert {
-        "INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
-                              created_at, queued, expires_at, record)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (action_id) DO UPDATE SET site_id = EXCLUDED.site_id,
+    let on_conflict = if upsert {
+        "ON CONFLICT (action_id) DO UPDATE SET site_id = EXCLUDED.site_id,
              device_id = EXCLUDED.device_id, action_type = EXCLUDED.action_type,
              status = EXCLUDED.status, created_by = EXCLUDED.created_by,
              created_at = EXCLUDED.created_at, queued = EXCLUDED.queued,
              expires_at = EXCLUDED.expires_at, record = EXCLUDED.record"
     } else {
-        "INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
-                              created_at, queued, expires_at, record)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ""
     };
-    db::execute(c, sql, &ActionRow::of(action)?.params()).await?;
+    let sql = format!(
+        "WITH written AS (
+             INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
+                                  created_at, queued, expires_at, record)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {on_conflict}
+             RETURNING device_id, action_id, queued, expires_at),
+         {OPEN_WRITTEN}, {CLOSE_WRITTEN}
+         SELECT 1"
+    );
+    db::execute(c, &sql, &ActionRow::of(action)?.params()).await?;
     Ok(())
 }
 
@@ -46,34 +62,45 @@ async fn insert_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
     if actions.is_empty() {
         return Ok(());
     }
-    db::execute(
-        c,
-        "INSERT INTO actions (action_id, site_id, device_id, action_type, status, created_by,
-                              created_at, queued, expires_at, record)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::bigint[], $8::bool[], $9::bigint[], $10::bytea[])",
-        &ActionColumns::of(actions)?.params(),
-    )
-    .await?;
+    // New ids: nothing to close, and no conflict in `open_actions`.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH written AS (
+                 INSERT INTO actions (action_id, site_id, device_id, action_type, status,
+                                      created_by, created_at, queued, expires_at, record)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::bigint[], $8::bool[], $9::bigint[],
+                                      $10::bytea[])
+                 RETURNING device_id, action_id, queued, expires_at),
+             {OPEN_WRITTEN}
+             SELECT 1"
+        )
+    });
+    db::execute(c, &SQL, &ActionColumns::of(actions)?.params()).await?;
     Ok(())
 }
 
-/// Writes changed actions (their ids, devices and kinds never change) in
-/// one statement.
+/// Writes changed actions (their ids, devices and kinds never change, and
+/// a final one is never queued again) in one statement.
 async fn write_actions<C: GenericClient>(c: &C, actions: &[Action]) -> R<()> {
     if actions.is_empty() {
         return Ok(());
     }
-    db::execute(
-        c,
-        "UPDATE actions AS a
-         SET status = u.status, queued = u.queued, expires_at = u.expires_at, record = u.record
-         FROM unnest($1::text[], $2::text[], $3::bool[], $4::bigint[], $5::bytea[])
-             AS u(action_id, status, queued, expires_at, record)
-         WHERE a.action_id = u.action_id",
-        &ActionColumns::of(actions)?.changed_params(),
-    )
-    .await?;
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH written AS (
+                 UPDATE actions AS a
+                 SET status = u.status, queued = u.queued, expires_at = u.expires_at,
+                     record = u.record
+                 FROM unnest($1::text[], $2::text[], $3::bool[], $4::bigint[], $5::bytea[])
+                     AS u(action_id, status, queued, expires_at, record)
+                 WHERE a.action_id = u.action_id
+                 RETURNING a.device_id, a.action_id, a.queued),
+             {CLOSE_WRITTEN}
+             SELECT 1"
+        )
+    });
+    db::execute(c, &SQL, &ActionColumns::of(actions)?.changed_params()).await?;
     Ok(())
 }
 
@@ -98,7 +125,8 @@ fn actions_keyed_by_id(rows: &[tokio_postgres::Row]) -> R<HashMap<String, Action
 async fn queued_of<C: GenericClient>(c: &C, device_id: &str) -> R<Vec<Action>> {
     let rows = query(
         c,
-        "SELECT record FROM actions WHERE device_id = $1 AND queued ORDER BY action_id",
+        "SELECT a.record FROM open_actions AS o JOIN actions AS a USING (action_id)
+         WHERE o.device_id = $1 ORDER BY o.action_id",
         &[&device_id],
     )
     .await?;
@@ -107,9 +135,14 @@ async fn queued_of<C: GenericClient>(c: &C, device_id: &str) -> R<Vec<Action>> {
 }
 
 /// Calls of one kind a transaction takes at most, and such transactions
-/// at once (the rest of the pool serves reads and other operations).
+/// at once (the rest of the pool serves reads and other operations). Two,
+/// not more: the calls that arrive meanwhile wait for a slot and share the
+/// next transaction, so fewer at once means fewer, larger transactions
+/// (a 10,000-device lock fan-out: 1,000 instead of 1,900, and no slower).
+/// One would do as well there, but then one slow transaction would hold up
+/// every device's commands.
 const MAX_BATCH: usize = 256;
-const BATCHES_IN_FLIGHT: usize = 4;
+const BATCHES_IN_FLIGHT: usize = 2;
 
 pub(crate) struct QueueJob {
     command: NewCommand,
@@ -224,13 +257,14 @@ async fn queue_batch(tx: &Pipelined, commands: &[&NewCommand]) -> R<Vec<StoreRes
     let params: [db::Param<'_>; 1] = [&device_ids];
     let (device_rows, queued_rows) = tx
         .begin_with_reads(
-        (lock_devices, &params),
-        (
-            "SELECT record FROM actions WHERE device_id = ANY($1) AND queued ORDER BY action_id",
-            &params,
-        ),
-    )
-    .await?;
+            (lock_devices, &params),
+            (
+                "SELECT a.record FROM open_actions AS o JOIN actions AS a USING (action_id)
+             WHERE o.device_id = ANY($1) ORDER BY o.action_id",
+                &params,
+            ),
+        )
+        .await?;
     let mut present: HashSet<String> = HashSet::with_capacity(device_rows.len());
     let mut devices: HashMap<String, Device> = HashMap::new();
     for row in device_rows {
@@ -514,7 +548,7 @@ impl CommandStore for PgStore {
         unit!(self, retry, |tx| {
             let devices: Vec<String> = query(
                 &tx,
-                "SELECT DISTINCT device_id FROM actions WHERE queued AND expires_at <= $1",
+                "SELECT DISTINCT device_id FROM open_actions WHERE expires_at <= $1",
                 &[&now],
             )
             .await?
@@ -534,9 +568,9 @@ impl CommandStore for PgStore {
                 .await?;
                 let rows = query(
                     &tx,
-                    "SELECT record FROM actions
-                     WHERE queued AND expires_at <= $1 AND device_id = ANY($2)
-                     ORDER BY action_id",
+                    "SELECT a.record FROM open_actions AS o JOIN actions AS a USING (action_id)
+                     WHERE o.expires_at <= $1 AND o.device_id = ANY($2)
+                     ORDER BY o.action_id",
                     &[&now, &devices],
                 )
                 .await?;

@@ -92,7 +92,7 @@ pub(crate) struct DeviceRead {
 /// with one, and every connection is checked again every few seconds)
 /// share one query.
 pub(crate) fn read_combiner(db: Pooled) -> Combiner<DeviceRead> {
-    Combiner::start(512, 4, move |jobs: Vec<DeviceRead>| {
+    Combiner::start(512, 2, move |jobs: Vec<DeviceRead>| {
         let db = db.clone();
         async move {
             let ids: Vec<&str> = jobs.iter().map(|j| j.device_id.as_str()).collect();

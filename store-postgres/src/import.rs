@@ -20,7 +20,7 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::PgStore;
 use crate::db::{Fail, R, encode, tag};
 use crate::rows::{ActionRow, DeviceRow};
-use crate::schema::TABLES;
+use crate::schema::{OPEN_QUEUED_ACTIONS, TABLES};
 use crate::sites::passcode_hash;
 
 /// Why [`PgStore::import`] stored nothing.
@@ -120,7 +120,9 @@ async fn copy_actions(tx: &tokio_postgres::Transaction<'_>, actions: &[Action]) 
     for action in actions {
         row(&mut copy, &ActionRow::of(action)?.params()).await?;
     }
-    finish(copy).await
+    finish(copy).await?;
+    tx.execute(OPEN_QUEUED_ACTIONS, &[]).await?;
+    Ok(())
 }
 
 /// Copies every record of `snapshot` into the (empty, locked) tables.

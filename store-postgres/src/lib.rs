@@ -30,7 +30,7 @@ use mdm_core::store::{Store, StoreResult};
 
 pub use config::{PgConfig, check_config, url_has_password};
 pub use import::ImportError;
-pub use schema::{SCHEMA_VERSION, TABLES};
+pub use schema::{MIGRATIONS, SCHEMA_VERSION, TABLES};
 
 use db::{Fail, R};
 
